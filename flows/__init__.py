@@ -1,0 +1,29 @@
+"""flows: composable, exactly resumable data pipelines for PyTorch, audio first."""
+
+from flows.audio import DecodeAudio, Downmix, Normalize, PadTrim, RandomCrop, Resample
+from flows.batching import Collate
+from flows.errors import ColumnError, EmptySourceError, FlowsError, RemoteError, StageError
+from flows.flow import Flow, distributed_position
+from flows.loader import Loader
+from flows.nodes import Apply, Gather, Mix, ToDevice, Workers
+from flows.sampling import (
+    DurationBuckets,
+    Envelope,
+    FixedBatches,
+    Order,
+    Plan,
+    Sampler,
+    StratifiedBatches,
+    splits,
+)
+from flows.sources import AUDIO_EXTENSIONS, Files, Items, Source, Subset, Table
+from flows.stages import DecodeTensor, Filter, Map, ReadBytes, Stage
+
+__all__ = [
+    "AUDIO_EXTENSIONS", "Apply", "Collate", "ColumnError", "DecodeAudio", "DecodeTensor",
+    "Downmix", "DurationBuckets", "EmptySourceError", "Envelope", "Files", "Filter",
+    "FixedBatches", "Flow", "FlowsError", "Gather", "Items", "Loader", "Map", "Mix", "Normalize",
+    "Order", "PadTrim", "Plan", "RandomCrop", "ReadBytes", "RemoteError", "Resample", "Sampler",
+    "Source", "Stage", "StageError", "StratifiedBatches", "Subset", "Table", "ToDevice", "Workers",
+    "distributed_position", "splits",
+]

@@ -1,0 +1,224 @@
+"""Flow: a readable, immutable builder for pipelines.
+
+    loader = (Flow.files("s3://bucket/clips/**/*.wav")
+              .shuffle(seed=0)
+              .read().decode_audio().downmix().resample(16_000).pad(64_000)
+              .batch(32)
+              .pin()
+              .loader(num_workers=4))
+
+Each method returns a new Flow. ``loader()`` builds the node graph:
+Sampler -> ParallelMapper(stages) -> Gather(collate) -> Prefetcher -> PinMemory -> ToDevice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torchdata.nodes import BaseNode, PinMemory, Prefetcher
+
+from flows import audio, stages
+from flows.batching import Collate
+from flows.errors import FlowsError
+from flows.loader import Loader
+from flows.nodes import Apply, Gather, Mix, OnError, ToDevice, Workers
+from flows.sampling import DurationBuckets, FixedBatches, Order, Plan, Sampler, StratifiedBatches, splits
+from flows.sources import AUDIO_EXTENSIONS, Files, Items, Source, Subset, Table, Where
+
+PlanFactory = Callable[[int], Plan]  # world size -> plan of global batches
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A pipeline description: a source, an order, per-sample stages, batching and placement."""
+
+    source: Source | None
+    stages: tuple[Callable, ...] = ()
+    order: Order = Order()
+    plan: PlanFactory | None = None
+    collate: Collate | None = None
+    pin_memory: bool = False
+    device: str | None = None
+    device_transform: Callable | None = None
+    storage_options: dict | None = None
+    mixed: tuple[tuple[Flow, float], ...] = field(default=())
+    mix_seed: int = 0
+    mix_stop: Literal["first", "all"] = "first"
+
+    # ---- sources -------------------------------------------------------------------------
+    @classmethod
+    def files(cls, url: str, extensions: Sequence[str] | None = AUDIO_EXTENSIONS,
+              recursive: bool = True, storage_options: dict | None = None) -> Flow:
+        """Files under a local directory, fsspec URL or glob, listed once and sorted."""
+        return cls(Files(url, extensions, recursive, storage_options), storage_options=storage_options)
+
+    @classmethod
+    def table(cls, url: str, columns: Sequence[str] | None = None, where: Where = None,
+              path_column: str | None = None, root: str | None = None,
+              storage_options: dict | None = None) -> Flow:
+        """Rows of a CSV or Parquet table (Parquet streamed by row group)."""
+        return cls(Table(url, columns, where, path_column, root, storage_options),
+                   storage_options=storage_options)
+
+    @classmethod
+    def items(cls, items: Sequence[Any]) -> Flow:
+        """An in-memory sequence of records."""
+        return cls(Items(items))
+
+    @classmethod
+    def from_source(cls, source: Source, storage_options: dict | None = None) -> Flow:
+        """Any :class:`~flows.sources.Source`."""
+        return cls(source, storage_options=storage_options)
+
+    @classmethod
+    def mix(cls, flows: Sequence[Flow], weights: Sequence[float], seed: int = 0,
+            stop: Literal["first", "all"] = "first") -> Flow:
+        """Interleave the outputs of several flows (each batched or not) with seeded weights."""
+        if len(flows) != len(weights):
+            raise FlowsError(f"mix got {len(flows)} flows but {len(weights)} weights")
+        return cls(None, mixed=tuple(zip(flows, weights, strict=True)), mix_seed=seed, mix_stop=stop)
+
+    # ---- selection and order (index space: no sample is read) ------------------------------
+    def _with(self, **changes: Any) -> Flow:
+        return dataclasses.replace(self, **changes)
+
+    def _source(self) -> Source:
+        if self.source is None:
+            raise FlowsError("this operation needs a flow with a source, not a mix")
+        return self.source
+
+    def select(self, indices: Sequence[int] | np.ndarray) -> Flow:
+        """Keep the records at ``indices`` (a split, a fold)."""
+        return self._with(source=Subset(self._source(), indices))
+
+    def where(self, predicate: Callable[[Any], bool]) -> Flow:
+        """Keep the records for which ``predicate(record)`` holds, before ordering (metadata only)."""
+        source = self._source()
+        return self.select([i for i in range(len(source)) if predicate(source[i])])
+
+    def split(self, fractions: Sequence[float], seed: int = 0) -> list[Flow]:
+        """Seeded random split, e.g. ``train, test = flow.split([0.8, 0.2])``."""
+        return [self.select(part) for part in splits(len(self._source()), fractions, seed)]
+
+    def shuffle(self, seed: int = 0, window: int = 4) -> Flow:
+        """Reshuffle every epoch as a pure function of (seed, epoch). For Parquet tables the
+        shuffle is block-wise: row groups, then rows within ``window`` row groups."""
+        return self._with(order=Order(seed, window))
+
+    # ---- per-sample stages -------------------------------------------------------------------
+    def map(self, fn: Callable, field: str | None = None, to: str | None = None,
+            name: str | None = None) -> Flow:
+        """Apply ``fn`` to each item (or to ``item[field]``); any callable or nn.Module."""
+        stage = fn if field is None and to is None and name is None else stages.Map(fn, field, to, name)
+        return self._with(stages=(*self.stages, stage))
+
+    def filter(self, predicate: Callable[[Any], bool], name: str | None = None) -> Flow:
+        """Drop items for which ``predicate`` is false (counted in ``loader.filtered``)."""
+        return self.map(stages.Filter(predicate, name))
+
+    def read(self, field: str = "path", retries: int = 5, cache_dir: str | None = None) -> Flow:
+        """Read each item's ``path`` (any fsspec URL) into ``bytes``, retrying transient errors;
+        ``cache_dir`` keeps a local copy of remote files for later epochs."""
+        return self.map(stages.ReadBytes(field, self.storage_options, retries, cache_dir))
+
+    def decode_audio(self, field: str = "bytes") -> Flow:
+        return self.map(audio.DecodeAudio(field))
+
+    def decode_tensor(self, field: str = "bytes", to: str = "tensor") -> Flow:
+        return self.map(stages.DecodeTensor(field, to))
+
+    def downmix(self) -> Flow:
+        return self.map(audio.Downmix())
+
+    def resample(self, rate: int, backend: Literal["soxr", "torchaudio"] = "soxr") -> Flow:
+        return self.map(audio.Resample(rate, backend))
+
+    def normalize(self, mode: Literal["peak", "standard"] = "peak") -> Flow:
+        return self.map(audio.Normalize(mode))
+
+    def pad(self, length: int) -> Flow:
+        """Zero-pad or trim to exactly ``length`` frames."""
+        return self.map(audio.PadTrim(length))
+
+    def crop(self, length: int) -> Flow:
+        """Random ``length``-frame window, seeded by (seed, epoch, sample key)."""
+        return self.map(audio.RandomCrop(length))
+
+    # ---- batching -----------------------------------------------------------------------------
+    def batch(self, size: int, drop_last: bool = False, variable: bool = False) -> Flow:
+        """Batches of ``size`` per rank. ``variable=True`` pads audio to the longest in the
+        batch and adds ``lengths`` and ``attention_mask``."""
+        return self._with(plan=lambda world: FixedBatches(size * world, drop_last),
+                          collate=Collate(variable))
+
+    def stratify(self, label: str, size: int, drop_last: bool = False,
+                 variable: bool = False) -> Flow:
+        """Batches of ``size`` with about equal counts of each class of the record field ``label``."""
+        return self._with(plan=lambda world: StratifiedBatches(size * world, label, drop_last),
+                          collate=Collate(variable))
+
+    def bucket(self, max_seconds: float, duration: str = "duration", pool: int = 512,
+               variable: bool = True) -> Flow:
+        """Batches of similar-length samples holding at most ``max_seconds`` of audio per rank;
+        ``duration`` names the record field (a table column) giving each sample's seconds."""
+        return self._with(
+            plan=lambda world: DurationBuckets(max_seconds * world, duration, pool, min_size=world),
+            collate=Collate(variable))
+
+    # ---- placement ------------------------------------------------------------------------------
+    def pin(self) -> Flow:
+        """Pin batches in page-locked memory (when CUDA is available) for fast async copies."""
+        return self._with(pin_memory=True)
+
+    def to(self, device: str, transform: Callable | None = None) -> Flow:
+        """Move batches to ``device`` and apply a batched ``transform`` there."""
+        return self._with(device=device, device_transform=transform)
+
+    # ---- execution --------------------------------------------------------------------------------
+    def loader(self, num_workers: int = 0, method: Literal["thread", "process"] = "thread",
+               prefetch: int = 2, on_error: OnError = "raise", rank: int | None = None,
+               world_size: int | None = None, mp_context: str | None = None) -> Loader:
+        """Build the node graph and wrap it in a :class:`~flows.loader.Loader`.
+
+        ``num_workers`` threads or processes run the per-sample stages, in order, so the output
+        does not depend on their number. ``rank``/``world_size`` default to torch.distributed's."""
+        if rank is None or world_size is None:
+            rank, world_size = distributed_position()
+        samplers: list[Sampler] = []
+        root = self._build(num_workers, method, on_error, rank, world_size, mp_context, samplers)
+        wrappers: list[str] = []
+        if prefetch:
+            root, wrappers = Prefetcher(root, prefetch_factor=prefetch), ["snapshot", *wrappers]
+        if self.pin_memory and torch.cuda.is_available():
+            root, wrappers = PinMemory(root), ["snapshot", *wrappers]
+        if self.device is not None:
+            root = ToDevice(root, self.device, self.device_transform)
+            wrappers = ["source", *wrappers]
+        return Loader(root, samplers, wrappers)
+
+    def _build(self, num_workers: int, method: Literal["thread", "process"], on_error: OnError,
+               rank: int, world_size: int, mp_context: str | None,
+               samplers: list[Sampler]) -> BaseNode:
+        if self.mixed:
+            children = [f._build(num_workers, method, on_error, rank, world_size, mp_context, samplers)
+                        for f, _ in self.mixed]
+            return Mix(children, [w for _, w in self.mixed], self.mix_seed, self.mix_stop)
+        plan = self.plan(world_size) if self.plan else None
+        sampler = Sampler(self._source(), self.order, plan, rank, world_size)
+        samplers.append(sampler)
+        mapped = Workers(sampler, Apply(self.stages, self.order.seed or 0), num_workers, method,
+                         mp_context)
+        return Gather(mapped, self.collate, batched=self.plan is not None, on_error=on_error)
+
+
+def distributed_position() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialized, else from torchrun's env."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -1,0 +1,495 @@
+"""Byte access for flows: every read of a local or remote object goes through this module.
+
+URLs are anything fsspec understands (plain local paths, ``memory://``, ``s3://``, ``https://``,
+chained ``simplecache::s3://...``). Reads retry transient failures (5xx, throttling, resets,
+timeouts, truncated bodies) with exponential backoff and jitter, fail fast on missing or forbidden
+objects, and never put credentials into an error message or a log line.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import random
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import IO, Any, TypeVar
+
+import fsspec
+import fsspec.config
+from fsspec.core import split_protocol, url_to_fs
+from fsspec.implementations.cached import SimpleCacheFileSystem
+
+from flows.errors import EmptySourceError, RemoteError
+
+__all__ = [
+    "AccessDeniedError",
+    "ObjectNotFoundError",
+    "cached_url",
+    "filesystem",
+    "list_files",
+    "open_file",
+    "read_bytes",
+    "redact",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_S3_PROTOCOLS = ("s3", "s3a")
+_LOCAL_PROTOCOLS = ("file", "local", "memory")  # no point caching these
+_ENDPOINT_ENV_VARS = ("FLOWS_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+class ObjectNotFoundError(RemoteError, FileNotFoundError):
+    """The object, directory or prefix does not exist (never retried)."""
+
+
+class AccessDeniedError(RemoteError, PermissionError):
+    """The object exists but we may not read it (never retried)."""
+
+
+class TruncatedReadError(OSError):
+    """A read returned fewer (or more) bytes than the object's size; always retried."""
+
+
+# --------------------------------------------------------------------------- filesystems
+
+
+def filesystem(
+    url: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fs, path)`` for ``url``; fsspec caches the instances (per process).
+
+    Flat ``storage_options`` apply to the innermost filesystem of a chained URL
+    (``simplecache::s3://b/k``); options keyed by protocol (``{"s3": {...}}``) are passed as is.
+    For S3 a custom endpoint comes from ``storage_options`` (``endpoint_url`` or
+    ``client_kwargs.endpoint_url``), else from ``FLOWS_S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``;
+    credentials and region come from the options or the standard AWS environment variables.
+    """
+    options: dict[str, Any] = dict(storage_options or {})
+    *outer, inner = url.split("::")
+    protocol = _protocol(inner)
+    if outer:
+        chain = {_protocol(bit) for bit in outer} | {protocol}
+        if options and not chain & options.keys():
+            options = {protocol: options}
+        if protocol in _S3_PROTOCOLS:
+            options[protocol] = _with_s3_endpoint(options.get(protocol, {}))
+    elif protocol in _S3_PROTOCOLS:
+        options = _with_s3_endpoint(options)
+    fs, path = url_to_fs(url, **options)
+    return fs, path
+
+
+def _protocol(url: str) -> str:
+    if "://" not in url and re.fullmatch(r"[a-z0-9]+", url):  # a bare chain element: "simplecache"
+        return url
+    return split_protocol(url)[0] or "file"
+
+
+def _with_s3_endpoint(options: Mapping[str, Any]) -> dict[str, Any]:
+    options = dict(options)
+    client_kwargs = options.get("client_kwargs") or {}
+    if not options.get("endpoint_url") and not client_kwargs.get("endpoint_url"):
+        endpoint = next((os.environ[v] for v in _ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+        if endpoint:
+            options["endpoint_url"] = endpoint
+    return options
+
+
+def _is_local(url: str) -> bool:
+    return "::" not in url and _protocol(url) in _LOCAL_PROTOCOLS
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def list_files(
+    url: str,
+    extensions: Sequence[str] | None = None,
+    recursive: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Sorted URLs of the files under a directory/prefix, or matching a glob (``**`` recurses).
+
+    URLs keep the input's protocol (local paths come back as plain absolute paths). ``extensions``
+    (``"wav"`` or ``".wav"``) filter case-insensitively. Raises :class:`EmptySourceError` when
+    nothing matches and :class:`ObjectNotFoundError` when the directory or prefix does not exist.
+    """
+    fs, path = filesystem(url, storage_options)
+    if isinstance(extensions, str):
+        extensions = [extensions]
+    suffixes = tuple("." + e.lower().lstrip(".") for e in extensions or ())
+    glob = any(c in path for c in "*?[")
+
+    def listing() -> dict[str, dict[str, Any]]:
+        fs.invalidate_cache(_glob_root(path) if glob else path)  # a listing must be fresh
+        if glob:
+            return fs.glob(path, detail=True)
+        info = fs.info(path)
+        if info.get("type") != "directory":
+            return {info["name"]: info}
+        return fs.find(path, maxdepth=None if recursive else 1, detail=True)
+
+    entries = _with_retries(listing, url, storage_options)
+    protocol = _protocol(url.split("::")[-1])
+    files = sorted(
+        _to_url(name, protocol)
+        for name, info in entries.items()
+        if info.get("type") == "file" and (not suffixes or name.lower().endswith(suffixes))
+    )
+    if not files:
+        wanted = f" with extension {', '.join(suffixes)}" if suffixes else ""
+        raise EmptySourceError(redact(f"no files{wanted} found at {url}", storage_options))
+    return files
+
+
+def _glob_root(path: str) -> str:
+    parts = re.split(r"[*?\[]", path, maxsplit=1)[0]
+    return parts.rsplit("/", 1)[0] if "/" in parts else parts
+
+
+def _to_url(path: str, protocol: str) -> str:
+    if protocol in ("file", "local") or "://" in path:
+        return path
+    return f"{protocol}://{path.lstrip('/')}"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_bytes(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    retries: int = 5,
+    backoff: float = 0.1,
+    max_backoff: float = 2.0,
+) -> bytes:
+    """Read a whole object, retrying transient errors up to ``retries`` times.
+
+    The length read is checked against the object's size, so a truncated body is retried, never
+    returned. Missing or forbidden objects raise at once (:class:`ObjectNotFoundError`,
+    :class:`AccessDeniedError`); anything still failing after the retries raises
+    :class:`RemoteError` naming the URL, the attempts and the last cause.
+    For a ``simplecache::`` URL (see :func:`cached_url`) a cached copy is read locally; a fresh
+    download is verified first and then written to the cache atomically.
+    """
+    fs, path = filesystem(url, storage_options)
+    retry = functools.partial(
+        _with_retries,
+        url=url,
+        storage_options=storage_options,
+        retries=retries,
+        backoff=backoff,
+        max_backoff=max_backoff,
+    )
+    if not isinstance(fs, SimpleCacheFileSystem):
+        return retry(lambda: _read_checked(fs, path))
+    cached = fs._check_file(path)
+    if cached:
+        with open(cached, "rb") as f:
+            return f.read()
+    data = retry(lambda: _read_checked(fs.fs, path))
+    _write_atomic(os.path.join(fs.storage[-1], fs._mapper(path)), data)
+    return data
+
+
+def _read_checked(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    size = fs.info(path).get("size")
+    data = fs.cat_file(path)
+    if size is not None and len(data) != size:
+        fs.invalidate_cache(path)  # the size may come from a stale listing: ask again next time
+        raise TruncatedReadError(f"read {len(data)} bytes of an object of {size} bytes")
+    return bytes(data)
+
+
+def _write_atomic(target: str, data: bytes) -> None:
+    tmp = f"{target}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)  # readers see the whole file or nothing
+    except OSError as exc:
+        logger.warning("could not cache %s: %s", target, exc)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def open_file(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    block_size: int = 512 * 1024,
+    cache_type: str = "readahead",
+) -> IO[bytes]:
+    """Open ``url`` for reading as a seekable binary file; remote reads are HTTP range requests.
+
+    Each read fetches what is asked plus ``block_size`` bytes of read-ahead, so that reading one
+    row group of a remote Parquet file (``pyarrow.parquet.ParquetFile(open_file(url))``)
+    transfers little more than that row group. Opening retries like :func:`read_bytes`.
+    """
+    fs, path = filesystem(url, storage_options)
+    opened: IO[bytes] = _with_retries(
+        lambda: fs.open(path, "rb", block_size=block_size, cache_type=cache_type),
+        url,
+        storage_options,
+    )
+    return opened
+
+
+def cached_url(url: str, cache_dir: str | os.PathLike[str] | None) -> str:
+    """Chain ``url`` behind fsspec's ``simplecache`` so a remote file is downloaded once.
+
+    Returns ``url`` unchanged when ``cache_dir`` is None, for local and ``memory://`` URLs and for
+    URLs that are already chained. ``cache_dir`` becomes fsspec's default ``cache_storage`` of the
+    ``simplecache`` protocol in this process (and in processes forked from it), so the returned URL
+    also works with plain ``fsspec.open``. Cached files are named by a hash of the remote path and
+    are written atomically, so concurrent workers may share one directory.
+    """
+    if cache_dir is None or _is_local(url) or "::" in url:
+        return url
+    storage = os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
+    fsspec.config.conf.setdefault("simplecache", {})["cache_storage"] = storage
+    return f"simplecache::{url}"
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def _with_retries(
+    op: Callable[[], T],
+    url: str,
+    storage_options: Mapping[str, Any] | None,
+    *,
+    retries: int = 5,
+    backoff: float = 0.1,
+    max_backoff: float = 2.0,
+) -> T:
+    """Run ``op``; retry transient errors with exponential backoff and jitter."""
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return op()
+        except Exception as exc:
+            kind = _classify(exc)
+            if kind != "transient" or attempt > retries:
+                raise _remote_error(kind, url, exc, attempt, storage_options) from (
+                    exc if _is_clean(exc, storage_options) else None
+                )
+            delay = min(max_backoff, backoff * 2 ** (attempt - 1))
+            delay = delay / 2 + random.uniform(0, delay / 2)
+            logger.info(
+                redact(
+                    f"retrying {url} in {delay:.2f}s (attempt {attempt} of {retries + 1} "
+                    f"failed: {_describe(exc)})",
+                    storage_options,
+                )
+            )
+            time.sleep(delay)
+
+
+def _remote_error(
+    kind: str, url: str, exc: BaseException, attempts: int, storage_options: Mapping[str, Any] | None
+) -> RemoteError:
+    cause = _describe(exc)
+    if kind == "missing":
+        return ObjectNotFoundError(redact(f"{url}: not found ({cause})", storage_options))
+    if kind == "forbidden":
+        return AccessDeniedError(redact(f"{url}: access denied ({cause})", storage_options))
+    if kind == "transient":
+        message = f"{url}: still failing after {attempts} attempts; last error: {cause}"
+        return RemoteError(redact(message, storage_options))
+    return RemoteError(redact(f"{url}: {cause}", storage_options))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+_MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+_FORBIDDEN_CODES = {
+    "AccessDenied",
+    "Forbidden",
+    "403",
+    "401",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "BandwidthLimitExceeded",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+}
+_TRANSIENT_ERRNOS = {
+    errno.EBUSY,  # s3fs: 503 / SlowDown
+    getattr(errno, "EREMOTEIO", errno.EIO),  # s3fs: 500 InternalError
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ECONNREFUSED,
+    errno.EPIPE,
+    errno.EAGAIN,
+}
+
+
+def _classify(exc: BaseException) -> str:
+    """``missing``, ``forbidden``, ``transient`` or ``fatal``: the first decisive link wins."""
+    for link in _chain(exc):
+        kind = _classify_one(link)
+        if kind:
+            return kind
+    return "fatal"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen and len(seen) < 16:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
+
+
+def _classify_one(exc: BaseException) -> str | None:
+    if isinstance(exc, FileNotFoundError):
+        return "missing"
+    if isinstance(exc, PermissionError):
+        return "forbidden"
+    status, code = _status_and_code(exc)
+    if code in _MISSING_CODES or status == 404:
+        return "missing"
+    if code in _FORBIDDEN_CODES or status in (401, 403):
+        return "forbidden"
+    if code in _TRANSIENT_CODES or status in (408, 429) or (status or 0) >= 500:
+        return "transient"
+    if status is not None and 400 <= status < 500:
+        return "fatal"
+    if isinstance(exc, _transient_types()):
+        return "transient"
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return "transient"
+    return None
+
+
+def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
+    """HTTP status and error code of a botocore ``ClientError`` or an aiohttp/HTTP error."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore.exceptions.ClientError
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = response.get("Error", {}).get("Code")
+        return (status if isinstance(status, int) else None), (str(code) if code else None)
+    status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    return (status if isinstance(status, int) else None), None
+
+
+@functools.cache
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "try again", imported lazily (botocore/aiohttp are optional)."""
+    import http.client
+
+    types: list[type[BaseException]] = [
+        TruncatedReadError,
+        TimeoutError,  # also socket.timeout, asyncio.TimeoutError, fsspec's FSTimeoutError
+        ConnectionError,  # resets, aborts, refused, broken pipes, RemoteDisconnected
+        http.client.IncompleteRead,
+    ]
+    try:
+        import botocore.exceptions as bce
+        from botocore.parsers import ResponseParserError
+
+        types += [
+            bce.HTTPClientError,  # connection closed, read timeouts, response streaming errors
+            bce.ConnectionError,  # endpoint connection errors, connect timeouts
+            bce.IncompleteReadError,
+            bce.ChecksumError,
+            bce.FlexibleChecksumError,
+            ResponseParserError,  # throttling answers with broken XML (s3fs issue 484)
+        ]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        types += [aiohttp.ClientPayloadError, aiohttp.ClientConnectionError]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+# --------------------------------------------------------------------------- redaction
+
+_SECRET_OPTION_NAMES = {
+    "key",
+    "secret",
+    "token",
+    "username",
+    "password",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "access_key",
+    "secret_key",
+    "session_token",
+    "account_key",
+    "sas_token",
+    "client_secret",
+}
+_SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_SECRET_PATTERNS = [
+    # key=..., 'secret': '...', "aws_session_token": "...", password=...
+    re.compile(
+        r"""(?P<pre>\b(?:key|(?i:secret|token|password|aws_access_key_id|aws_secret_access_key|"""
+        r"""aws_session_token|x-amz-security-token|x-amz-credential|x-amz-signature|signature|"""
+        r"""credential))['"]?\s*[=:]\s*['"]?)[^'"\s,&;}/]+"""
+    ),
+    re.compile(r"(?P<pre>\w+://)[^/\s:@]+:[^/\s@]+(?=@)"),  # user:password@ in a URL
+    re.compile(r"(?P<pre>)\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key ids
+]
+_MASK = "***"
+
+
+def redact(text: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Mask credentials in ``text``: secret values of ``storage_options`` (also nested, e.g.
+    ``client_kwargs``), the AWS credential environment variables, ``key=``/``secret=``-style
+    assignments, passwords in URLs and AWS access key ids."""
+    secrets = set(_secret_values(storage_options or {}))
+    secrets.update(os.environ[v] for v in _SECRET_ENV_VARS if os.environ.get(v))
+    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+        text = text.replace(secret, _MASK)
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: m.group("pre") + _MASK, text)
+    return text
+
+
+def _secret_values(options: Mapping[str, Any]) -> Iterator[str]:
+    for name, value in options.items():
+        if isinstance(value, Mapping):
+            yield from _secret_values(value)
+        elif isinstance(value, str) and str(name).lower() in _SECRET_OPTION_NAMES:
+            yield value
+
+
+def _is_clean(exc: BaseException, storage_options: Mapping[str, Any] | None) -> bool:
+    """True when no message in the exception chain holds a credential (safe to chain)."""
+    return all(redact(str(link), storage_options) == str(link) for link in _chain(exc))
