@@ -8,17 +8,20 @@ class FlowsError(Exception):
 
 
 class StageError(FlowsError):
-    """A stage failed on one sample; names the stage and the sample (file, URL or row)."""
+    """A stage failed on one sample; the message names the stage and the sample (file, URL or
+    table row). Built with :meth:`at`; the one-argument form lets worker threads re-raise it."""
 
-    def __init__(self, stage: str, sample: str, cause: BaseException | str):
-        self.stage = stage
-        self.sample = sample
-        self.cause = cause
+    def __init__(self, message: str, stage: str | None = None, sample: str | None = None):
+        super().__init__(message)
+        self.stage, self.sample = stage, sample
+
+    @classmethod
+    def at(cls, stage: str, sample: str, cause: BaseException | str) -> StageError:
         reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
-        super().__init__(f"stage {stage!r} failed on {sample}: {reason}")
+        return cls(f"stage {stage!r} failed on {sample}: {reason}", stage, sample)
 
-    def __reduce__(self):  # keep it picklable across worker processes
-        return (type(self), (self.stage, self.sample, str(self.cause)))
+    def __reduce__(self):  # picklable across worker processes
+        return (type(self), (str(self), self.stage, self.sample))
 
 
 class EmptySourceError(FlowsError):

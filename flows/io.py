@@ -202,8 +202,11 @@ def read_bytes(
 
 
 def _read_checked(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    size = fs.info(path).get("size")
-    data = fs.cat_file(path)
+    """One whole read, checked against the object's size (one HEAD, or none after a listing,
+    then one GET for remote objects)."""
+    with fs.open(path, "rb", cache_type="none") as f:
+        size = getattr(f, "size", None)  # from fs.info / Content-Length; None when unknown
+        data = f.read()
     if size is not None and len(data) != size:
         fs.invalidate_cache(path)  # the size may come from a stale listing: ask again next time
         raise TruncatedReadError(f"read {len(data)} bytes of an object of {size} bytes")

@@ -138,7 +138,7 @@ class Gather(BaseNode):
         elif self.on_error == "skip":
             self.skipped += 1
         else:
-            raise StageError(dropped.stage, dropped.sample, dropped.error)
+            raise StageError.at(dropped.stage, dropped.sample, dropped.error)
 
     def get_state(self) -> dict:
         return {"source": self.source.state_dict(), "skipped": self.skipped,

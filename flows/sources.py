@@ -8,7 +8,9 @@ Parquet tables are read one row group at a time: memory is bounded by a few row 
 from __future__ import annotations
 
 import functools
+import os
 import posixpath
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -111,8 +113,11 @@ class Files(Source):
 
 
 def _glob_root(url: str) -> str:
-    head = url.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
-    return head if head.endswith("/") or "*" not in url else head.rsplit("/", 1)[0] + "/"
+    """The directory part of a URL or glob, absolute for local paths."""
+    head = re.split(r"[*?\[]", url, maxsplit=1)[0]
+    if head != url:
+        head = head.rsplit("/", 1)[0]
+    return head if "://" in head else os.path.abspath(head)
 
 
 def _relative(path: str, root: str) -> str:

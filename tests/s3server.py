@@ -163,6 +163,14 @@ class MotoServer:
         self.stop()
 
 
+def create_bucket(name: str, storage_options: Mapping[str, Any]) -> str:
+    """Create bucket ``name`` (us-east-1: no location constraint); returns ``s3://name``."""
+    fs = fsspec.filesystem("s3", **storage_options)
+    fs.call_s3("create_bucket", Bucket=name)
+    fs.invalidate_cache()
+    return f"s3://{name}"
+
+
 def upload_dir(
     local_dir: str | os.PathLike[str], s3_url: str, storage_options: Mapping[str, Any]
 ) -> list[str]:

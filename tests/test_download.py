@@ -229,4 +229,3 @@ def test_unsupported_archive_format(server: Server, tmp_path: Path) -> None:
     (server.root / "notes.txt").write_bytes(b"just text")
     with pytest.raises(FlowsError, match="unsupported format"):
         download_and_extract(f"{server.url}/notes.txt", tmp_path / "dest")
-

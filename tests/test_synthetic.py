@@ -32,7 +32,9 @@ YESNO_NAME = re.compile(r"^[01](_[01]){7}\.wav$")
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _labels(name: str) -> list[int]:
@@ -61,7 +63,10 @@ def test_yesno_layout_names_and_format(yesno: Path) -> None:
         assert len(_labels(wav.name)) == 8
         info = sf.info(wav)
         assert (info.samplerate, info.channels, info.subtype, info.format) == (
-            8000, 1, "PCM_16", "WAV"
+            8000,
+            1,
+            "PCM_16",
+            "WAV",
         )
         assert 4.9 <= info.duration <= 7.0
     all_labels = np.array([_labels(p.name) for p in wavs])
@@ -118,7 +123,14 @@ def urbansound(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_urbansound8k_layout_and_metadata(urbansound: Path) -> None:
     meta = pd.read_csv(urbansound / "metadata" / "UrbanSound8K.csv")
     assert list(meta.columns) == [
-        "slice_file_name", "fsID", "start", "end", "salience", "fold", "classID", "class"
+        "slice_file_name",
+        "fsID",
+        "start",
+        "end",
+        "salience",
+        "fold",
+        "classID",
+        "class",
     ]
     assert len(meta) == 40
     assert sorted(meta["fold"].unique()) == list(range(1, 11))
@@ -178,21 +190,46 @@ def test_urbansound8k_is_deterministic(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 SAMPLE_TYPES = {
-    "sample_id": pa.string(), "profile_id": pa.string(), "rudiment_slug": pa.string(),
-    "tempo_bpm": pa.int64(), "duration_sec": pa.float64(), "num_cycles": pa.int64(),
-    "skill_tier": pa.string(), "skill_tier_binary": pa.string(), "dominant_hand": pa.string(),
-    "midi_path": pa.string(), "audio_path": pa.string(), "num_strokes": pa.int64(),
-    "num_measures": pa.int64(), "soundfont": pa.string(), "augmentation_preset": pa.string(),
-    "augmentation_group_id": pa.string(), "aug_soundfont": pa.string(),
-    "aug_room_type": pa.string(), "aug_mic_type": pa.string(), "aug_room_wet_dry": pa.float64(),
-    "aug_mic_distance": pa.float64(), "aug_compression_ratio": pa.float64(),
-    "aug_noise_level_db": pa.float64(), "aug_bit_depth": pa.int64(),
+    "sample_id": pa.string(),
+    "profile_id": pa.string(),
+    "rudiment_slug": pa.string(),
+    "tempo_bpm": pa.int64(),
+    "duration_sec": pa.float64(),
+    "num_cycles": pa.int64(),
+    "skill_tier": pa.string(),
+    "skill_tier_binary": pa.string(),
+    "dominant_hand": pa.string(),
+    "midi_path": pa.string(),
+    "audio_path": pa.string(),
+    "num_strokes": pa.int64(),
+    "num_measures": pa.int64(),
+    "soundfont": pa.string(),
+    "augmentation_preset": pa.string(),
+    "augmentation_group_id": pa.string(),
+    "aug_soundfont": pa.string(),
+    "aug_room_type": pa.string(),
+    "aug_mic_type": pa.string(),
+    "aug_room_wet_dry": pa.float64(),
+    "aug_mic_distance": pa.float64(),
+    "aug_compression_ratio": pa.float64(),
+    "aug_noise_level_db": pa.float64(),
+    "aug_bit_depth": pa.int64(),
     "aug_sample_rate": pa.int64(),
 }
 SCORES_0_100 = [
-    "timing_accuracy", "timing_consistency", "tempo_stability", "subdivision_evenness",
-    "velocity_control", "accent_differentiation", "accent_accuracy", "hand_balance",
-    "weak_hand_index", "flam_quality", "diddle_quality", "roll_sustain", "overall_score",
+    "timing_accuracy",
+    "timing_consistency",
+    "tempo_stability",
+    "subdivision_evenness",
+    "velocity_control",
+    "accent_differentiation",
+    "accent_accuracy",
+    "hand_balance",
+    "weak_hand_index",
+    "flam_quality",
+    "diddle_quality",
+    "roll_sustain",
+    "overall_score",
 ]
 NULLABLE_SCORES = ["flam_quality", "diddle_quality", "roll_sustain"]
 
@@ -225,7 +262,10 @@ def test_sousa_samples_table_and_media_layout(sousa: Path) -> None:
         assert row.midi_path == f"midi/{row.rudiment_slug}/{row.sample_id}.mid"
         info = sf.info(sousa / row.audio_path)
         assert (info.samplerate, info.channels, info.subtype, info.format) == (
-            44100, 1, "PCM_24", "FLAC"
+            44100,
+            1,
+            "PCM_24",
+            "FLAC",
         )
         assert 1.0 <= info.duration <= 3.0
         assert info.duration == pytest.approx(row.duration_sec, abs=1e-3)
@@ -292,8 +332,11 @@ def test_sousa_hf_layout(sousa: Path, tmp_path: Path) -> None:
     ]
     local = pd.read_parquet(sousa / "labels" / "samples.parquet").set_index("sample_id")
     splits = json.loads((sousa / "splits.json").read_text())
-    split_keys = {"train": "train_profile_ids", "validation": "val_profile_ids",
-                  "test": "test_profile_ids"}
+    split_keys = {
+        "train": "train_profile_ids",
+        "validation": "val_profile_ids",
+        "test": "test_profile_ids",
+    }
     seen: list[str] = []
     for split, key in split_keys.items():
         path = root / "data" / f"{split}-00000-of-00001.parquet"
@@ -362,9 +405,7 @@ def test_tensor_folder_layout_labels_and_classes(tmp_path: Path, fmt: str, label
     # Learnable: a nearest-centroid classifier fit on half the samples labels the rest.
     stems = sorted(xs, key=lambda s: int(s.split("_")[1]))
     fit, held = stems[::2], stems[1::2]
-    centroids = {
-        c: np.mean([xs[s] for s in fit if mapping[s] == c], axis=0) for c in range(3)
-    }
+    centroids = {c: np.mean([xs[s] for s in fit if mapping[s] == c], axis=0) for c in range(3)}
     hits = [
         min(centroids, key=lambda c: float(((xs[s] - centroids[c]) ** 2).sum())) == mapping[s]
         for s in held
