@@ -183,7 +183,7 @@ falling, darker nasal tone), same layout, 8000 Hz mono 16-bit PCM, 5-7 s per fil
 
 
 def _yesno_word(yes: bool, sr: int, rng: np.random.Generator) -> FloatArray:
-    """Render one synthetic "yes" or "no" (0.40-0.55 s) with random pitch and length jitter."""
+    """Render one synthetic "yes" or "no" (~0.4-0.5 s) with random pitch and length jitter."""
     pitch = rng.uniform(0.92, 1.08)
     if yes:
         voiced = _synth(
