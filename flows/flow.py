@@ -28,7 +28,15 @@ from flows.batching import Collate
 from flows.errors import FlowsError
 from flows.loader import Loader
 from flows.nodes import Apply, Gather, Mix, OnError, ToDevice, Workers
-from flows.sampling import DurationBuckets, FixedBatches, Order, Plan, Sampler, StratifiedBatches, splits
+from flows.sampling import (
+    DurationBuckets,
+    FixedBatches,
+    Order,
+    Plan,
+    Sampler,
+    StratifiedBatches,
+    splits,
+)
 from flows.sources import AUDIO_EXTENSIONS, Files, Items, Source, Subset, Table, Where
 
 PlanFactory = Callable[[int], Plan]  # world size -> plan of global batches

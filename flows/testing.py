@@ -7,8 +7,8 @@ settings, via ``rebuild``), loads the state and checks that the rest is identica
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeAlias
 
 import torch
 from torchdata.nodes import BaseNode
@@ -16,7 +16,7 @@ from torchdata.nodes import Loader as _NodesLoader
 
 from flows.loader import Loader
 
-Buildable = Loader | BaseNode
+Buildable: TypeAlias = "Loader | BaseNode"
 
 
 def _loader(obj: Buildable) -> Any:
