@@ -76,7 +76,7 @@ def filesystem(
     *outer, inner = url.split("::")
     protocol = _protocol(inner)
     if outer:
-        chain = {_protocol(bit) for bit in outer} | {protocol}
+        chain = {bit.split("://")[0] for bit in outer} | {protocol}  # "simplecache", ...
         if options and not chain & options.keys():
             options = {protocol: options}
         if protocol in _S3_PROTOCOLS:
@@ -88,8 +88,6 @@ def filesystem(
 
 
 def _protocol(url: str) -> str:
-    if "://" not in url and re.fullmatch(r"[a-z0-9]+", url):  # a bare chain element: "simplecache"
-        return url
     return split_protocol(url)[0] or "file"
 
 
@@ -172,7 +170,8 @@ def read_bytes(
     backoff: float = 0.1,
     max_backoff: float = 2.0,
 ) -> bytes:
-    """Read a whole object, retrying transient errors up to ``retries`` times.
+    """Read a whole object, retrying transient errors up to ``retries`` times after the first
+    attempt, sleeping ``backoff * 2**n`` seconds (capped at ``max_backoff``, with jitter).
 
     The length read is checked against the object's size, so a truncated body is retried, never
     returned. Missing or forbidden objects raise at once (:class:`ObjectNotFoundError`,
@@ -202,8 +201,7 @@ def read_bytes(
 
 
 def _read_checked(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    """One whole read, checked against the object's size (one HEAD, or none after a listing,
-    then one GET for remote objects)."""
+    """One whole read checked against the object's size (for S3: a HEAD, then one GET)."""
     with fs.open(path, "rb", cache_type="none") as f:
         size = getattr(f, "size", None)  # from fs.info / Content-Length; None when unknown
         data = f.read()
@@ -216,6 +214,7 @@ def _read_checked(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
 def _write_atomic(target: str, data: bytes) -> None:
     tmp = f"{target}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, target)  # readers see the whole file or nothing
@@ -310,7 +309,8 @@ def _remote_error(
     if kind == "forbidden":
         return AccessDeniedError(redact(f"{url}: access denied ({cause})", storage_options))
     if kind == "transient":
-        message = f"{url}: still failing after {attempts} attempts; last error: {cause}"
+        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+        message = f"{url}: still failing after {tries}; last error: {cause}"
         return RemoteError(redact(message, storage_options))
     return RemoteError(redact(f"{url}: {cause}", storage_options))
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+import torch
 
 from flows import io
 from flows.errors import ColumnError, EmptySourceError
@@ -91,8 +92,8 @@ class Files(Source):
     ):
         self.url = url
         self.storage_options = storage_options
-        self.paths = list(paths) if paths is not None else io.list_files(
-            url, extensions, recursive=recursive, storage_options=storage_options
+        self.paths = list(paths) if paths is not None else _list_once(
+            url, extensions, recursive, storage_options
         )
         root = _glob_root(url)
         self._keys = [_relative(p, root) for p in self.paths]
@@ -110,6 +111,25 @@ class Files(Source):
         if name in ("path", "key"):
             return np.asarray(self.paths if name == "path" else self._keys)
         return super().column(name)
+
+
+def _list_once(url: str, extensions: Sequence[str] | None, recursive: bool,
+               storage_options: dict | None) -> list[str]:
+    """List on rank 0 only and broadcast to the other ranks: no listing storm on object stores.
+    (Workers never list: the sampler runs in the main process.)"""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return io.list_files(url, extensions, recursive=recursive, storage_options=storage_options)
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = io.list_files(url, extensions, recursive=recursive, storage_options=storage_options)
+        except Exception as error:  # noqa: BLE001 - every rank must raise it, not hang
+            box[0] = error
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
 
 
 def _glob_root(url: str) -> str:

@@ -317,8 +317,9 @@ class FaultProxy:
                 return None
             return kind
 
-    def _record(self, method: str, path: str, range_: str, status: int, fault: str | None,
-                body_bytes: int) -> None:
+    def _record(
+        self, method: str, path: str, range_: str, status: int, fault: str | None, body_bytes: int
+    ) -> None:
         with self._lock:
             key = (method, path, range_)
             if fault and fault != "forbidden":
@@ -329,8 +330,14 @@ class FaultProxy:
                 self.counts[fault] += 1
             self.bytes_sent += body_bytes
             self.requests.append(
-                {"method": method, "path": path, "range": range_, "status": status,
-                 "fault": fault, "bytes": body_bytes}
+                {
+                    "method": method,
+                    "path": path,
+                    "range": range_,
+                    "status": status,
+                    "fault": fault,
+                    "bytes": body_bytes,
+                }
             )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -339,7 +346,9 @@ class FaultProxy:
         self._server = _ProxyServer((self.host, 0), _ProxyHandler)
         self._server.proxy = self
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
             name="fault-proxy",
         )
         self._thread.start()
@@ -387,6 +396,19 @@ class _ProxyServer(ThreadingHTTPServer):
         super().shutdown_request(request)
 
 
+def _error_answer(fault: str) -> tuple[int, bytes]:
+    """Status and body of an injected error: S3 XML, or nothing for a bare 503."""
+    if fault == "503":  # as a load balancer would send it
+        return 503, b""
+    status, code, message = _S3_ERRORS[fault]
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message>"
+        "<RequestId>flows-fault-proxy</RequestId></Error>"
+    )
+    return status, body.encode()
+
+
 class _ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30  # idle keep-alive connections end by themselves
@@ -410,7 +432,15 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._handle()
 
+    def do_PATCH(self) -> None:
+        self._handle()
+
+    def do_OPTIONS(self) -> None:
+        self._handle()
+
     def _handle(self) -> None:
+        # Every request is recorded *before* its answer goes out, so a client that has its
+        # answer always finds the request in ``proxy.requests``.
         proxy = self.server.proxy
         method = self.command
         path = unquote(urlsplit(self.path).path)
@@ -418,18 +448,26 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         body = self._read_body()
         fault = proxy._decide(method, path, range_)
         if fault == "reset":
-            self._reset()
             proxy._record(method, path, range_, 0, fault, 0)
+            self._reset()
             return
         if fault in _S3_ERRORS or fault == "503":
-            status, sent = self._send_error(fault)
-            proxy._record(method, path, range_, status, fault, sent)
+            status, payload = _error_answer(fault)
+            sent = b"" if method == "HEAD" else payload
+            proxy._record(method, path, range_, status, fault, len(sent))
+            self._answer(status, "", [("Content-Type", "application/xml")], payload, sent)
             return
         status, reason, headers, payload = self._forward(body)
-        if fault in _BODY_FAULTS and len(payload) < 2:
+        if fault in _BODY_FAULTS and (method != "GET" or len(payload) < 2):
             fault = None  # nothing to cut: pass through
-        sent = self._send_response(status, reason, headers, payload, fault)
-        proxy._record(method, path, range_, status, fault, sent)
+        sent = b"" if method == "HEAD" else payload
+        if fault == "short":
+            payload = sent = payload[: len(payload) // 2]
+        elif fault == "truncate":
+            sent = payload[: len(payload) // 2]
+            self.close_connection = True
+        proxy._record(method, path, range_, status, fault, len(sent))
+        self._answer(status, reason, headers, payload, sent)
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -462,60 +500,33 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         finally:
             conn.close()
 
-    def _send_response(
+    def _answer(
         self,
         status: int,
         reason: str,
         headers: list[tuple[str, str]],
         payload: bytes,
-        fault: str | None,
-    ) -> int:
+        sent: bytes,
+    ) -> None:
+        """Send ``status`` and ``headers`` with a Content-Length of ``payload`` (for HEAD: the
+        upstream one), then the bytes ``sent`` (shorter than ``payload`` when truncating)."""
         skip = _HOP_BY_HOP | {"transfer-encoding", "content-length", "date", "server"}
-        self.send_response(status, reason)
+        self.send_response(status, reason or None)
         for name, value in headers:
             if name.lower() not in skip:
                 self.send_header(name, value)
+        length = str(len(payload))
         if self.command == "HEAD":
-            upstream_length = dict((k.lower(), v) for k, v in headers).get("content-length")
-            if upstream_length is not None:
-                self.send_header("Content-Length", upstream_length)
-            self.end_headers()
-            return 0
-        if fault == "short":
-            payload = payload[: len(payload) // 2]
-        self.send_header("Content-Length", str(len(payload)))
-        if fault == "truncate":
-            payload = payload[: len(payload) // 2]
-            self.close_connection = True
+            length = dict((k.lower(), v) for k, v in headers).get("content-length", length)
+        self.send_header("Content-Length", length)
         self.end_headers()
-        self.wfile.write(payload)
+        if sent:
+            self.wfile.write(sent)
         self.wfile.flush()
-        return len(payload)
-
-    def _send_error(self, fault: str) -> tuple[int, int]:
-        if fault == "503":  # a bare 503, as a load balancer would send it
-            status, body = 503, b""
-        else:
-            status, code, message = _S3_ERRORS[fault]
-            body = (
-                '<?xml version="1.0" encoding="UTF-8"?>\n'
-                f"<Error><Code>{code}</Code><Message>{message}</Message>"
-                "<RequestId>flows-fault-proxy</RequestId></Error>"
-            ).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/xml")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command == "HEAD" or not body:
-            return status, 0
-        self.wfile.write(body)
-        return status, len(body)
 
     def _reset(self) -> None:
         """Close with SO_LINGER 0: the client gets a TCP RST instead of an answer."""
         self.close_connection = True
         with contextlib.suppress(OSError):
-            self.connection.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-            )
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()
