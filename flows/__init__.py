@@ -2,6 +2,7 @@
 
 from flows.audio import DecodeAudio, Downmix, Normalize, PadTrim, RandomCrop, Resample
 from flows.batching import Collate
+from flows.cache import Cached
 from flows.errors import ColumnError, EmptySourceError, FlowsError, RemoteError, StageError
 from flows.flow import Flow, distributed_position
 from flows.loader import Loader
@@ -18,12 +19,13 @@ from flows.sampling import (
 )
 from flows.sources import AUDIO_EXTENSIONS, Files, Items, Source, Subset, Table
 from flows.stages import DecodeTensor, Filter, Map, ReadBytes, Stage
+from flows.stats import Report, Stats
 
 __all__ = [
-    "AUDIO_EXTENSIONS", "Apply", "Collate", "ColumnError", "DecodeAudio", "DecodeTensor",
+    "AUDIO_EXTENSIONS", "Apply", "Cached", "Collate", "ColumnError", "DecodeAudio", "DecodeTensor",
     "Downmix", "DurationBuckets", "EmptySourceError", "Envelope", "Files", "Filter",
     "FixedBatches", "Flow", "FlowsError", "Gather", "Items", "Loader", "Map", "Mix", "Normalize",
-    "Order", "PadTrim", "Plan", "RandomCrop", "ReadBytes", "RemoteError", "Resample", "Sampler",
-    "Source", "Stage", "StageError", "StratifiedBatches", "Subset", "Table", "ToDevice", "Workers",
-    "distributed_position", "splits",
+    "Order", "PadTrim", "Plan", "RandomCrop", "ReadBytes", "RemoteError", "Report", "Resample",
+    "Sampler", "Source", "Stage", "StageError", "Stats", "StratifiedBatches", "Subset", "Table",
+    "ToDevice", "Workers", "distributed_position", "splits",
 ]

@@ -25,6 +25,7 @@ from torchdata.nodes import BaseNode, PinMemory, Prefetcher
 
 from flows import audio, stages
 from flows.batching import Collate
+from flows.cache import Cached
 from flows.errors import FlowsError
 from flows.loader import Loader
 from flows.nodes import Apply, Gather, Mix, OnError, ToDevice, Workers
@@ -38,6 +39,7 @@ from flows.sampling import (
     splits,
 )
 from flows.sources import AUDIO_EXTENSIONS, Files, Items, Source, Subset, Table, Where
+from flows.stats import Stats
 
 PlanFactory = Callable[[int], Plan]  # world size -> plan of global batches
 
@@ -158,6 +160,13 @@ class Flow:
         """Random ``length``-frame window, seeded by (seed, epoch, sample key)."""
         return self.map(audio.RandomCrop(length))
 
+    def cache(self, directory: str | os.PathLike[str], version: str = "") -> Flow:
+        """Keep the output of the stages so far (deterministic ones: read, decode, downmix,
+        resample, pad) in the local ``directory``: computed on the first pass, memory-mapped on
+        later ones. Keyed by the record, its file's size and mtime and the stages' parameters;
+        change ``version`` to invalidate by hand. Random stages (crop) go after it."""
+        return self._with(stages=(Cached(self.stages, directory, self.storage_options, version),))
+
     # ---- batching -----------------------------------------------------------------------------
     def batch(self, size: int, drop_last: bool = False, variable: bool = False) -> Flow:
         """Batches of ``size`` per rank. ``variable=True`` pads audio to the longest in the
@@ -191,15 +200,19 @@ class Flow:
     # ---- execution --------------------------------------------------------------------------------
     def loader(self, num_workers: int = 0, method: Literal["thread", "process"] = "thread",
                prefetch: int = 2, on_error: OnError = "raise", rank: int | None = None,
-               world_size: int | None = None, mp_context: str | None = None) -> Loader:
+               world_size: int | None = None, mp_context: str | None = None,
+               stats: bool | Stats = False) -> Loader:
         """Build the node graph and wrap it in a :class:`~flows.loader.Loader`.
 
         ``num_workers`` threads or processes run the per-sample stages, in order, so the output
-        does not depend on their number. ``rank``/``world_size`` default to torch.distributed's."""
+        does not depend on their number. ``rank``/``world_size`` default to torch.distributed's.
+        ``stats=True`` (or a :class:`~flows.stats.Stats`) times every node: ``loader.stats()``."""
         if rank is None or world_size is None:
             rank, world_size = distributed_position()
+        collector = (stats if isinstance(stats, Stats) else Stats()) if stats else None
         samplers: list[Sampler] = []
-        root = self._build(num_workers, method, on_error, rank, world_size, mp_context, samplers)
+        root = self._build(num_workers, method, on_error, rank, world_size, mp_context, samplers,
+                           collector)
         wrappers: list[str] = []
         if prefetch:
             root, wrappers = Prefetcher(root, prefetch_factor=prefetch), ["snapshot", *wrappers]
@@ -208,21 +221,28 @@ class Flow:
         if self.device is not None:
             root = ToDevice(root, self.device, self.device_transform)
             wrappers = ["source", *wrappers]
-        return Loader(root, samplers, wrappers)
+        return Loader(root, samplers, wrappers, stats=collector)
 
     def _build(self, num_workers: int, method: Literal["thread", "process"], on_error: OnError,
                rank: int, world_size: int, mp_context: str | None,
-               samplers: list[Sampler]) -> BaseNode:
+               samplers: list[Sampler], stats: Stats | None = None) -> BaseNode:
         if self.mixed:
-            children = [f._build(num_workers, method, on_error, rank, world_size, mp_context, samplers)
+            children = [f._build(num_workers, method, on_error, rank, world_size, mp_context, samplers,
+                                 stats)
                         for f, _ in self.mixed]
             return Mix(children, [w for _, w in self.mixed], self.mix_seed, self.mix_stop)
         plan = self.plan(world_size) if self.plan else None
         sampler = Sampler(self._source(), self.order, plan, rank, world_size)
         samplers.append(sampler)
-        mapped = Workers(sampler, Apply(self.stages, self.order.seed or 0), num_workers, method,
-                         mp_context)
-        return Gather(mapped, self.collate, batched=self.plan is not None, on_error=on_error)
+        apply = Apply(self.stages, self.order.seed or 0)
+        if stats is None:
+            mapped: BaseNode = Workers(sampler, apply, num_workers, method, mp_context)
+            return Gather(mapped, self.collate, batched=self.plan is not None, on_error=on_error)
+        # the same graph with transparent probes: same outputs, same state
+        mapped = stats.collect(Workers(stats.source(sampler), stats.apply(apply, num_workers),
+                                       num_workers, method, mp_context))
+        return Gather(mapped, stats.collate(self.collate), batched=self.plan is not None,
+                      on_error=on_error)
 
 
 def distributed_position() -> tuple[int, int]:

@@ -32,9 +32,11 @@ __all__ = [
     "cached_url",
     "filesystem",
     "list_files",
+    "list_files_with_sizes",
     "open_file",
     "read_bytes",
     "redact",
+    "remember_sizes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -120,6 +122,18 @@ def list_files(
     (``"wav"`` or ``".wav"``) filter case-insensitively. Raises :class:`EmptySourceError` when
     nothing matches and :class:`ObjectNotFoundError` when the directory or prefix does not exist.
     """
+    return list(list_files_with_sizes(url, extensions, recursive, storage_options))
+
+
+def list_files_with_sizes(
+    url: str,
+    extensions: Sequence[str] | None = None,
+    recursive: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, int | None]:
+    """:func:`list_files` as ``{url: size in bytes}`` (None where the filesystem gives none), in
+    the same sorted order. The sizes of remote files are remembered (:func:`remember_sizes`), so
+    :func:`read_bytes` reads each of them with one GET."""
     fs, path = filesystem(url, storage_options)
     if isinstance(extensions, str):
         extensions = [extensions]
@@ -137,15 +151,36 @@ def list_files(
 
     entries = _with_retries(listing, url, storage_options)
     protocol = _protocol(url.split("::")[-1])
-    files = sorted(
-        _to_url(name, protocol)
+    found = (
+        (_to_url(name, protocol), info.get("size"))
         for name, info in entries.items()
         if info.get("type") == "file" and (not suffixes or name.lower().endswith(suffixes))
     )
+    files = {
+        name: size if isinstance(size, int) else None
+        for name, size in sorted(found, key=lambda pair: pair[0])
+    }
     if not files:
         wanted = f" with extension {', '.join(suffixes)}" if suffixes else ""
         raise EmptySourceError(redact(f"no files{wanted} found at {url}", storage_options))
+    if not _is_local(url):
+        remember_sizes(files)
     return files
+
+
+# Object sizes seen by listings in this process (and in worker processes forked from it): with
+# the size known, read_bytes needs one GET instead of a HEAD and a GET. A size is only a hint:
+# a body of another length is retried with a fresh HEAD, so a stale size never returns wrong data.
+_KNOWN_SIZES: dict[str, int] = {}
+_MAX_KNOWN_SIZES = 2_000_000  # about 200 MB at most
+
+
+def remember_sizes(sizes: Mapping[str, int | None]) -> None:
+    """Let :func:`read_bytes` trust these object sizes (``{url: bytes}``, e.g. a listing made on
+    another rank); ``None`` sizes are skipped. Bounded: beyond 2 million URLs nothing is added."""
+    for url, size in sizes.items():
+        if size is not None and (url in _KNOWN_SIZES or len(_KNOWN_SIZES) < _MAX_KNOWN_SIZES):
+            _KNOWN_SIZES[url] = size
 
 
 def _glob_root(path: str) -> str:
@@ -166,6 +201,7 @@ def read_bytes(
     url: str,
     storage_options: Mapping[str, Any] | None = None,
     *,
+    size: int | None = None,
     retries: int = 5,
     backoff: float = 0.1,
     max_backoff: float = 2.0,
@@ -174,29 +210,43 @@ def read_bytes(
     attempt, sleeping ``backoff * 2**n`` seconds (capped at ``max_backoff``, with jitter).
 
     The length read is checked against the object's size, so a truncated body is retried, never
-    returned. Missing or forbidden objects raise at once (:class:`ObjectNotFoundError`,
+    returned. The size is ``size``, else the one a listing saw (:func:`remember_sizes`): then a
+    single GET suffices; else it is asked for first (for S3 a HEAD). A body whose length differs
+    from a given size is retried with the size asked for afresh (the listing may be stale).
+    Missing or forbidden objects raise at once (:class:`ObjectNotFoundError`,
     :class:`AccessDeniedError`); anything still failing after the retries raises
     :class:`RemoteError` naming the URL, the attempts and the last cause.
     For a ``simplecache::`` URL (see :func:`cached_url`) a cached copy is read locally; a fresh
     download is verified first and then written to the cache atomically.
     """
     fs, path = filesystem(url, storage_options)
-    retry = functools.partial(
-        _with_retries,
-        url=url,
-        storage_options=storage_options,
-        retries=retries,
-        backoff=backoff,
-        max_backoff=max_backoff,
+    cache = fs if isinstance(fs, SimpleCacheFileSystem) else None
+    if cache is not None:
+        cached = cache._check_file(path)
+        if cached:
+            with open(cached, "rb") as f:
+                return f.read()
+        fs = cache.fs
+    source = url.split("::")[-1]
+    expected = size if size is not None else _KNOWN_SIZES.get(source)
+
+    def attempt() -> bytes:
+        nonlocal expected
+        if expected is None:
+            return _read_checked(fs, path)
+        try:
+            return _read_sized(fs, path, expected)
+        except TruncatedReadError:
+            expected = None  # short, or a stale size: the next attempts ask for the size
+            raise
+
+    data = _with_retries(
+        attempt, url, storage_options, retries=retries, backoff=backoff, max_backoff=max_backoff
     )
-    if not isinstance(fs, SimpleCacheFileSystem):
-        return retry(lambda: _read_checked(fs, path))
-    cached = fs._check_file(path)
-    if cached:
-        with open(cached, "rb") as f:
-            return f.read()
-    data = retry(lambda: _read_checked(fs.fs, path))
-    _write_atomic(os.path.join(fs.storage[-1], fs._mapper(path)), data)
+    if source in _KNOWN_SIZES:
+        _KNOWN_SIZES[source] = len(data)  # verified: corrects a stale listing
+    if cache is not None:
+        _write_atomic(os.path.join(cache.storage[-1], cache._mapper(path)), data)
     return data
 
 
@@ -208,6 +258,18 @@ def _read_checked(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     if size is not None and len(data) != size:
         fs.invalidate_cache(path)  # the size may come from a stale listing: ask again next time
         raise TruncatedReadError(f"read {len(data)} bytes of an object of {size} bytes")
+    return bytes(data)
+
+
+def _read_sized(fs: fsspec.AbstractFileSystem, path: str, size: int) -> bytes:
+    """One GET of the whole object, checked against ``size`` (known from a listing)."""
+    options: dict[str, Any] = {}
+    if getattr(fs, "max_concurrency", 1) > 1 and size <= getattr(fs, "default_block_size", 0):
+        options["max_concurrency"] = 1  # s3fs would HEAD first, to split large objects
+    data = fs.cat_file(path, **options)
+    if len(data) != size:
+        fs.invalidate_cache(path)
+        raise TruncatedReadError(f"read {len(data)} bytes of an object listed with {size} bytes")
     return bytes(data)
 
 

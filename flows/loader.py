@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torchdata.nodes import BaseNode
 from torchdata.nodes import Loader as _NodesLoader
 
+from flows.errors import FlowsError
 from flows.sampling import Sampler
+
+if TYPE_CHECKING:
+    from flows.stats import Report, Stats
 
 
 class Loader:
@@ -18,14 +22,30 @@ class Loader:
     kind of workers) with ``load_state_dict()``, continues with exactly the next batch.
     """
 
-    def __init__(self, root: BaseNode, samplers: list[Sampler], wrappers: list[str] | None = None):
+    def __init__(self, root: BaseNode, samplers: list[Sampler], wrappers: list[str] | None = None,
+                 stats: Stats | None = None):
         self.root = root
         self.samplers = samplers
         self.wrappers = wrappers or []  # state key of each node above the flow, outermost first
         self._loader = _NodesLoader(root)
+        self._stats = stats
+        if stats is not None:
+            stats.attach(root)
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self._loader)
+        if self._stats is None:
+            return iter(self._loader)
+        return self._stats.watch(self._loader)
+
+    def stats(self, reset: bool = False) -> Report:
+        """Per-node timings, queue depths and the bottleneck so far (a loader built with
+        ``stats=True``); ``reset=True`` starts counting afresh, e.g. for each epoch."""
+        if self._stats is None:
+            raise FlowsError("this loader keeps no stats: build it with flow.loader(stats=True)")
+        report = self._stats.report()
+        if reset:
+            self._stats.clear()
+        return report
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the first flow's, for a mix)."""

@@ -63,6 +63,7 @@ class Apply:
                 else:
                     item = stage(item)
             except Exception as error:  # noqa: BLE001 - reported by Gather, with the sample named
+                name = getattr(error, "flows_stage", name)  # a stage inside .cache() names itself
                 envelope.item = Dropped(name, sample, f"{type(error).__name__}: {error}")
                 return envelope
         envelope.item = item

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from dataclasses import dataclass
+import pkgutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -21,13 +22,14 @@ class RecipeConfig:
     """Knobs every recipe has; recipes subclass it to add their own (each field becomes a CLI
     option ``--field-name``)."""
 
-    data_dir: str | None = None
-    epochs: int = 10
-    batch_size: int = 16
-    num_workers: int = 0
-    lr: float = 1e-3
-    seed: int = 0
-    storage_options: dict | None = None
+    data_dir: str | None = field(default=None, metadata={"help": "the data: a path or fsspec URL"})
+    epochs: int = field(default=10, metadata={"help": "epochs to train"})
+    batch_size: int = field(default=16, metadata={"help": "samples per batch"})
+    num_workers: int = field(default=0, metadata={"help": "worker threads running the stages"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    seed: int = field(default=0, metadata={"help": "seeds the model, the order, the augmentation"})
+    storage_options: dict | None = field(
+        default=None, metadata={"help": "fsspec options for the data, as JSON"})
 
 
 class Recipe:
@@ -37,6 +39,8 @@ class Recipe:
     Config: ClassVar[type[RecipeConfig]] = RecipeConfig
     #: told to users whose data directory is missing: how to download or generate the data
     data_hint: ClassVar[str] = ""
+    #: when the training loop steps the LR scheduler: after each epoch or each optimizer step
+    schedule_every: ClassVar[Literal["epoch", "step"]] = "epoch"
 
     def __init__(self, config: RecipeConfig):
         self.config = config
@@ -74,9 +78,27 @@ def register(cls: type[Recipe]) -> type[Recipe]:
     return cls
 
 
+def import_recipes() -> None:
+    """Import every module of the ``recipes`` package so their recipes register (also when an
+    install sees ``recipes`` as a namespace package, whose ``__init__`` never runs)."""
+    package = importlib.import_module("recipes")
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"recipes.{module.name}")
+
+
 def get_recipe(name: str) -> type[Recipe]:
-    """The recipe registered under ``name`` (importing the ``recipes`` package first)."""
-    importlib.import_module("recipes")
+    """The recipe registered under ``name`` (importing the ``recipes`` package first), or the
+    class at ``"package.module:Class"`` (a recipe kept outside ``recipes/``)."""
+    if ":" in name:
+        module, _, attribute = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as e:
+            raise FlowsError(f"cannot load recipe {name!r}: {e}") from e
+        if not (isinstance(cls, type) and issubclass(cls, Recipe)):
+            raise FlowsError(f"{name!r} is not a Recipe subclass")
+        return cls
+    import_recipes()
     if name not in REGISTRY:
         raise FlowsError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]

@@ -116,20 +116,23 @@ class Files(Source):
 def _list_once(url: str, extensions: Sequence[str] | None, recursive: bool,
                storage_options: dict | None) -> list[str]:
     """List on rank 0 only and broadcast to the other ranks: no listing storm on object stores.
-    (Workers never list: the sampler runs in the main process.)"""
+    (Workers never list: the sampler runs in the main process.) The sizes travel with the URLs,
+    so every rank reads each remote file with a single GET (see :func:`flows.io.remember_sizes`)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return io.list_files(url, extensions, recursive=recursive, storage_options=storage_options)
     box: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            box[0] = io.list_files(url, extensions, recursive=recursive, storage_options=storage_options)
+            box[0] = io.list_files_with_sizes(url, extensions, recursive, storage_options)
         except Exception as error:  # noqa: BLE001 - every rank must raise it, not hang
             box[0] = error
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], Exception):
         raise box[0]
-    return box[0]
+    if "://" in url:
+        io.remember_sizes(box[0])
+    return list(box[0])
 
 
 def _glob_root(url: str) -> str:

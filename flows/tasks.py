@@ -16,11 +16,13 @@ import torch.nn.functional as F
 Sums = dict[str, tuple[float, float]]
 
 
+@dataclass
 class Task:
-    """Base task: ``inputs`` picks the model input from a batch; ``loss`` and ``metrics`` score
-    the output against the batch."""
+    """Base task: ``inputs`` picks the model input from a batch (``input_key``, keyword-only in
+    every task, e.g. ``Classification("label", input_key="tensor")``); ``loss`` and ``metrics``
+    score the output against the batch."""
 
-    input_key = "audio"
+    input_key: str = field(default="audio", kw_only=True)
 
     def inputs(self, batch: Mapping[str, Any]) -> torch.Tensor:
         return batch[self.input_key]

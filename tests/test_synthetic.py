@@ -32,9 +32,16 @@ YESNO_NAME = re.compile(r"^[01](_[01]){7}\.wav$")
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    """Every file's content; WAVs as format + samples, since libsndfile stamps the time of
+    writing into the PEAK chunk of float WAVs."""
+
+    def content(p: Path) -> bytes:
+        if p.suffix != ".wav":
+            return p.read_bytes()
+        data, rate = sf.read(p, dtype="float64", always_2d=True)
+        return f"{sf.info(p).subtype}/{rate}/{data.shape}".encode() + data.tobytes()
+
+    return {str(p.relative_to(root)): content(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _labels(name: str) -> list[int]:

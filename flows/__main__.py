@@ -1,0 +1,5 @@
+"""``python -m flows``: the same as the ``flows`` command."""
+
+from flows.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,501 @@
+"""Pipeline observability: per-node time and throughput, queue depths, the bottleneck, and an
+optional Chrome trace.
+
+``flow.loader(stats=True)`` builds the same graph with transparent probes (same outputs, same
+state): the source (the Sampler reading records), every per-sample stage (timed inside the
+workers, threads or processes: the timings travel back with each sample), collation, the queues
+of the workers and of the prefetcher, and the time the training loop waits for each batch.
+``loader.stats()`` returns a :class:`Report`; ``print(report.table())`` shows it and names the
+bottleneck; ``report.save_trace("trace.json")`` writes a Chrome trace (``chrome://tracing`` or
+https://ui.perfetto.dev) when the loader was built with ``stats=Stats(trace=True)``.
+
+With ``stats=False`` (the default) none of this is built: the graph is exactly the plain one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torchdata.nodes import BaseNode, Prefetcher
+
+from flows.errors import FlowsError
+from flows.loader import Loader
+from flows.nodes import Apply, Workers
+from flows.sampling import Envelope
+from flows.stages import Filter, stage_name
+
+_TIMINGS = "flows_timings"  # the Envelope attribute carrying a sample's stage timings
+_local = threading.local()  # the current sample's timing records, per worker thread
+
+# one timing record: (stage name, start ns, duration ns, own duration ns without nested stages)
+Record = tuple[str, int, int, int]
+
+
+def _now() -> int:
+    return time.perf_counter_ns()  # CLOCK_MONOTONIC on Linux: comparable across processes
+
+
+# ---- probes running in the workers ------------------------------------------------------------
+
+
+class TimedStage:
+    """Wraps a stage: same name and randomness, records its duration for the current sample.
+    A :class:`~flows.cache.Cached` stage is reported as ``cache (hit)`` or ``cache (miss)``,
+    with its inner stages reported separately on a miss."""
+
+    def __init__(self, stage: Callable, cached: bool = False):
+        self.stage, self.cached = stage, cached
+        self.name = stage_name(stage)
+        self.random = getattr(stage, "random", False)
+
+    def __call__(self, *args: Any) -> Any:
+        records: list[Record] = _local.records
+        before = len(records)
+        start = _now()
+        try:
+            return self.stage(*args)
+        finally:
+            duration = _now() - start
+            inner = sum(r[3] for r in records[before:])
+            name = self.name
+            if self.cached:
+                name = "cache (hit)" if len(records) == before else "cache (miss)"
+            records.append((name, start, duration, duration - inner))
+
+
+class _TimedPredicate:
+    def __init__(self, predicate: Callable[[Any], bool], name: str):
+        self.predicate, self.name = predicate, name
+        self.stage = TimedStage(predicate)
+        self.stage.name = name
+
+    def __call__(self, item: Any) -> bool:
+        return self.stage(item)
+
+
+def timed(stage: Callable) -> Callable:
+    """``stage`` wrapped so its time is recorded (filters stay filters, caches time their inner
+    stages too)."""
+    from flows.cache import Cached
+
+    if isinstance(stage, Filter):
+        return Filter(_TimedPredicate(stage.predicate, stage.name), stage.name)
+    if isinstance(stage, Cached):
+        return TimedStage(stage.with_stages([timed(s) for s in stage.stages]), cached=True)
+    return TimedStage(stage)
+
+
+class TimedApply:
+    """The workers' function with stats on: runs :class:`~flows.nodes.Apply` over timed stages
+    and attaches the sample's records (plus process and thread ids) to its Envelope."""
+
+    def __init__(self, apply: Apply):
+        self.apply = Apply([timed(s) for s in apply.stages], apply.seed)
+
+    def __call__(self, envelope: Envelope) -> Envelope:
+        records: list[Record] = []
+        _local.records = records
+        try:
+            out = self.apply(envelope)
+        finally:
+            _local.records = None
+        setattr(out, _TIMINGS, (os.getpid(), threading.get_ident(), records))
+        return out
+
+
+# ---- probes in the main process -------------------------------------------------------------
+
+
+class _TimedSource(BaseNode):
+    """Transparent wrapper of the Sampler (its state is the Sampler's): times record reads."""
+
+    def __init__(self, source: BaseNode, stats: Stats):
+        super().__init__()
+        self.source, self.stats = source, stats
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(initial_state)
+
+    def next(self) -> Any:
+        start = _now()
+        item = next(self.source)
+        self.stats._node("source", start, _now() - start)
+        return item
+
+    def get_state(self) -> dict:
+        return self.source.state_dict()
+
+
+class _Collect(BaseNode):
+    """Transparent wrapper of :class:`~flows.nodes.Workers` (its state is theirs): gathers the
+    samples' stage timings, the time spent waiting for them and the workers' queue depths."""
+
+    def __init__(self, workers: Workers, stats: Stats):
+        super().__init__()
+        self.source, self.stats = workers, stats
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(initial_state)
+
+    def next(self) -> Any:
+        self.stats._sample_workers(self.source)
+        start = _now()
+        envelope = next(self.source)
+        self.stats._envelope(envelope, start, _now() - start)
+        return envelope
+
+    def get_state(self) -> dict:
+        return self.source.state_dict()
+
+
+class _TimedCollate:
+    def __init__(self, collate: Callable, stats: Stats):
+        self.collate, self.stats = collate, stats
+
+    def __call__(self, items: Any) -> Any:
+        start = _now()
+        out = self.collate(items)
+        self.stats._node("collate", start, _now() - start, len(items))
+        return out
+
+
+def _workers_queues(workers: Workers) -> tuple[int, int, int] | None:
+    """(ready, in flight, capacity) of torchdata's ParallelMapper, None when inline or unknown."""
+    it = getattr(getattr(workers.mapper, "_it", None), "_it", None)
+    try:
+        capacity = it._max_tasks  # type: ignore[union-attr]
+        in_flight = capacity - it._sem._value  # type: ignore[union-attr]
+        return it._out_q.qsize(), in_flight, capacity  # type: ignore[union-attr]
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _prefetch_queue(prefetcher: Prefetcher) -> tuple[int, int] | None:
+    """(ready, capacity) of torchdata's Prefetcher, None when unknown."""
+    try:
+        return prefetcher._it._q.qsize(), prefetcher.prefetch_factor  # type: ignore[union-attr]
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+# ---- the collector --------------------------------------------------------------------------
+
+
+@dataclass
+class _Queue:
+    total: float = 0.0
+    samples: int = 0
+    peak: int = 0
+    capacity: int = 0
+
+    def add(self, depth: int, capacity: int) -> None:
+        self.total += depth
+        self.samples += 1
+        self.peak = max(self.peak, depth)
+        self.capacity = capacity
+
+
+class Stats:
+    """Collects a loader's timings. Pass ``stats=True`` or ``stats=Stats(trace=True)`` to
+    :meth:`Flow.loader <flows.flow.Flow.loader>`; read them with ``loader.stats()``.
+
+    ``trace=True`` also keeps up to ``max_events`` timed events for a Chrome trace."""
+
+    def __init__(self, trace: bool = False, max_events: int = 1_000_000):
+        self.trace, self.max_events = trace, max_events
+        self.origin = _now()
+        self.workers = 1
+        self._lock = threading.Lock()
+        self._prefetcher: Prefetcher | None = None
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything measured so far (e.g. to report each epoch on its own)."""
+        with self._lock:
+            self.calls: dict[str, list[int]] = {}  # node -> [calls, ns, items]
+            self.queues: dict[str, _Queue] = {}
+            self.events: list[dict] = []
+            self.samples = self.batches = 0
+            self.wall_ns = self.wait_ns = self.gather_wait_ns = 0
+            self.first_batch_ns: list[int] = []
+
+    # -- building: probes for the graph (flows.flow calls these when stats are on) --
+    def source(self, sampler: BaseNode) -> BaseNode:
+        return _TimedSource(sampler, self)
+
+    def apply(self, apply: Apply, num_workers: int) -> TimedApply:
+        self.workers = max(1, num_workers)
+        return TimedApply(apply)
+
+    def collect(self, workers: Workers) -> BaseNode:
+        return _Collect(workers, self)
+
+    def collate(self, collate: Callable | None) -> Callable | None:
+        return None if collate is None else _TimedCollate(collate, self)
+
+    def attach(self, root: BaseNode) -> None:
+        """Find the prefetcher under the loader's root (its queue depth is sampled per batch)."""
+        node: Any = root
+        while node is not None and not isinstance(node, Prefetcher):
+            node = getattr(node, "source", None)
+        self._prefetcher = node
+
+    # -- recording --
+    def _event(self, name: str, start: int, duration: int, pid: int | None = None,
+               tid: int | None = None) -> None:
+        if len(self.events) < self.max_events:
+            self.events.append({"name": name, "ph": "X", "pid": pid or os.getpid(),
+                                "tid": tid or threading.get_ident(),
+                                "ts": (start - self.origin) / 1e3, "dur": duration / 1e3})
+
+    def _node(self, name: str, start: int, duration: int, items: int = 1) -> None:
+        with self._lock:
+            entry = self.calls.setdefault(name, [0, 0, 0])
+            entry[0] += 1
+            entry[1] += duration
+            entry[2] += items
+            if self.trace:
+                self._event(name, start, duration)
+
+    def _envelope(self, envelope: Envelope, start: int, waited: int) -> None:
+        pid, tid, records = getattr(envelope, _TIMINGS, (0, 0, ()))
+        with self._lock:
+            self.samples += 1
+            self.gather_wait_ns += waited
+            for name, begin, duration, own in records:
+                entry = self.calls.setdefault(name, [0, 0, 0])
+                entry[0] += 1
+                entry[1] += own
+                entry[2] += 1
+                if self.trace:
+                    self._event(name, begin, duration, pid, tid)
+            if self.trace:
+                self._event("wait for workers", start, waited)
+
+    def _queue(self, name: str, depth: int, capacity: int) -> None:
+        with self._lock:
+            self.queues.setdefault(name, _Queue()).add(depth, capacity)
+
+    def _sample_workers(self, workers: Workers) -> None:
+        depths = _workers_queues(workers)
+        if depths is not None:
+            ready, in_flight, capacity = depths
+            self._queue("workers: ready", ready, capacity)
+            self._queue("workers: in flight", in_flight, capacity)
+
+    def watch(self, loader: Any) -> Iterator[Any]:
+        """``iter(loader)``, timing the wait for each batch and the first batch of the epoch."""
+        start = _now()
+        iterator = iter(loader)
+        return self._watch(iterator, start)
+
+    def _watch(self, iterator: Iterator[Any], start: int) -> Iterator[Any]:
+        previous = start
+        while True:
+            if self._prefetcher is not None:
+                depth = _prefetch_queue(self._prefetcher)
+                if depth is not None:
+                    self._queue("prefetch: ready batches", *depth)
+            asked = _now()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            got = _now()
+            first = previous == start
+            with self._lock:
+                self.batches += 1
+                self.wait_ns += got - asked
+                self.wall_ns += got - previous
+                if first:
+                    self.first_batch_ns.append(got - start)
+                if self.trace:
+                    self._event("first batch" if first else "wait for batch",
+                                start if first else asked, got - (start if first else asked))
+            previous = got
+            yield batch
+
+    # -- reading --
+    def report(self) -> Report:
+        """A snapshot of everything measured so far."""
+        with self._lock:
+            nodes = []
+            for name, (calls, ns, items) in self.calls.items():
+                parallel = 1 if name in ("source", "collate") else self.workers
+                nodes.append(NodeStats(name, calls, items, ns / 1e9, parallel))
+            queues = [QueueStats(name, q.total / max(q.samples, 1), q.peak, q.capacity, q.samples)
+                      for name, q in self.queues.items()]
+            report = Report(nodes=nodes, queues=queues, samples=self.samples, batches=self.batches,
+                            seconds=self.wall_ns / 1e9, waited=self.wait_ns / 1e9,
+                            first_batch=[ns / 1e9 for ns in self.first_batch_ns],
+                            workers=self.workers, events=list(self.events) if self.trace else None)
+        report.bottleneck, report.reason = _bottleneck(report)
+        return report
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeStats:
+    """One node or stage: ``calls``, ``items`` handled, busy ``seconds`` (summed over the
+    ``parallel`` workers sharing it)."""
+
+    name: str
+    calls: int
+    items: int
+    seconds: float
+    parallel: int = 1
+
+    @property
+    def rate(self) -> float:
+        """Items per second this node could sustain on its own with its workers (capacity)."""
+        return self.items * self.parallel / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class QueueStats:
+    """A queue's depth sampled each time its consumer asked for the next item."""
+
+    name: str
+    mean: float
+    peak: int
+    capacity: int
+    samples: int
+
+
+@dataclass
+class Report:
+    """What :meth:`Loader.stats <flows.loader.Loader.stats>` returns."""
+
+    nodes: list[NodeStats]
+    queues: list[QueueStats]
+    samples: int
+    batches: int
+    seconds: float  # time spent iterating, up to the last batch delivered
+    waited: float  # of which the training loop waited for batches
+    first_batch: list[float]  # seconds from iter() to the first batch, per epoch
+    workers: int
+    events: list[dict] | None = None
+    bottleneck: str = ""
+    reason: str = ""
+
+    @property
+    def rate(self) -> float:
+        """Samples per second delivered."""
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def node(self, name: str) -> NodeStats:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(f"no node {name!r}; nodes: {[n.name for n in self.nodes]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples, "batches": self.batches, "seconds": self.seconds,
+            "samples_per_s": self.rate, "waited": self.waited, "first_batch": self.first_batch,
+            "workers": self.workers, "bottleneck": self.bottleneck, "reason": self.reason,
+            "nodes": [{**vars(n), "items_per_s": n.rate} for n in self.nodes],
+            "queues": [vars(q) for q in self.queues],
+        }
+
+    def table(self) -> str:
+        """A plain-text table: one row per node, then queues, waits and the bottleneck."""
+        first = f"; first batch after {self.first_batch[0]:.3f} s" if self.first_batch else ""
+        lines = [f"{self.samples} samples in {self.batches} batches, {self.seconds:.2f} s, "
+                 f"{self.rate:.1f} samples/s{first} ({self.workers} worker(s))"]
+        busy = sum(n.seconds for n in self.nodes)
+        lines.append(f"{'node':<22}{'calls':>9}{'busy s':>10}{'share':>8}{'items/s':>12}")
+        for n in _ordered(self.nodes):
+            share = 100 * n.seconds / busy if busy else 0.0
+            rate = "inf" if n.rate == float("inf") else f"{n.rate:.0f}"
+            mark = "  <- bottleneck" if n.name == self.bottleneck else ""
+            lines.append(f"{n.name:<22}{n.calls:>9}{n.seconds:>10.3f}{share:>7.1f}%{rate:>12}{mark}")
+        for q in self.queues:
+            lines.append(f"queue {q.name}: mean {q.mean:.2f}, max {q.peak} of {q.capacity}")
+        if self.seconds:
+            lines.append(f"the training loop waited {self.waited:.2f} s of {self.seconds:.2f} s "
+                         f"({100 * self.waited / self.seconds:.0f}%) for batches")
+        reason = f" ({self.reason})" if self.reason else ""
+        lines.append(f"bottleneck: {self.bottleneck or 'unknown'}{reason}")
+        return "\n".join(lines)
+
+    def save_trace(self, path: str | os.PathLike[str]) -> Path:
+        """Write the Chrome trace (JSON) of a loader built with ``stats=Stats(trace=True)``."""
+        if self.events is None:
+            raise FlowsError("no trace was recorded: build the loader with stats=Stats(trace=True)")
+        path = Path(path)
+        path.write_text(json.dumps({"traceEvents": self.events, "displayTimeUnit": "ms"}))
+        return path
+
+
+_ORDER = ("source", "read", "decode_audio", "downmix", "resample", "normalize", "pad")
+
+
+def _ordered(nodes: list[NodeStats]) -> list[NodeStats]:
+    """Pipeline order: the source, the stages (first seen first), collate last."""
+    rank = {name: i for i, name in enumerate(_ORDER)}
+    return sorted(nodes, key=lambda n: (n.name == "collate", n.name != "source",
+                                        rank.get(n.name, len(rank))))
+
+
+def _bottleneck(report: Report) -> tuple[str, str]:
+    """The node that limits throughput: the training loop itself when it rarely waits for
+    batches; else the node with the lowest capacity (the per-sample stages share the workers,
+    so among them it is the one taking most of their time)."""
+    if not report.nodes:
+        return "", ""
+    if report.batches > 1 and report.seconds > 0 and report.waited < 0.1 * report.seconds:
+        return "consumer", (f"the training loop waited for batches only "
+                            f"{100 * report.waited / report.seconds:.0f}% of the time")
+    stages = [n for n in report.nodes if n.name not in ("source", "collate")]
+    stage_time = sum(n.seconds for n in stages)
+    candidates: list[tuple[float, str, str]] = []
+    if stages and stage_time > 0:
+        worst = max(stages, key=lambda n: n.seconds)
+        pool = max(n.items for n in stages) * report.workers / stage_time
+        candidates.append((pool, worst.name, f"{100 * worst.seconds / stage_time:.0f}% of the "
+                           f"{report.workers} worker(s)' time; they sustain {pool:.0f} samples/s"))
+    for name in ("source", "collate"):
+        node = next((n for n in report.nodes if n.name == name), None)
+        if node is not None and node.seconds > 0:
+            candidates.append((node.rate, name, f"one thread, sustains {node.rate:.0f} samples/s"))
+    if not candidates:
+        return "", ""
+    _, name, reason = min(candidates)
+    return name, reason
+
+
+# ---- benchmarking helpers (used by ``flows bench RECIPE``) -----------------------------------
+
+
+def bench(target: Any, batches: int | None = None, epochs: int = 1, **loader_kwargs: Any) -> Report:
+    """Iterate ``target`` (a Flow, built with ``stats=True`` and ``loader_kwargs``, or a Loader
+    built with stats) for ``epochs`` epochs or ``batches`` batches, and return its Report."""
+    loader = target if isinstance(target, Loader) else target.loader(stats=True, **loader_kwargs)
+    done = 0
+    for _ in range(epochs):
+        for _batch in loader:
+            done += 1
+            if batches is not None and done >= batches:
+                return loader.stats()
+    return loader.stats()
+
+
+def bench_table(target: Any, batches: int | None = None, epochs: int = 1, **loader_kwargs: Any) -> str:
+    """:func:`bench`, printed as a table (what ``flows bench RECIPE`` shows)."""
+    return bench(target, batches, epochs, **loader_kwargs).table()
+
+
+__all__ = ["NodeStats", "QueueStats", "Report", "Stats", "TimedApply", "TimedStage", "bench",
+           "bench_table", "timed"]

@@ -1,0 +1,294 @@
+"""What the recipes share: config knobs, the audio chain, label maps, splits, batching, paths,
+model choice and a base class. Each recipe module reads top to bottom on top of these."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import posixpath
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flows import io
+from flows.audio import fit
+from flows.errors import FlowsError
+from flows.flow import Flow
+from flows.models import M5, Outputs, SmallCNN
+from flows.recipe import Recipe, RecipeConfig
+from flows.sampling import rng, splits
+from flows.sources import Source
+from flows.stages import Stage
+
+# ---- config ------------------------------------------------------------------------------------
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with the help text its ``flows train`` option shows."""
+    return field(default=default, metadata={"help": help})
+
+
+MODEL_HELP = "smallcnn, m5, or package.module:factory (called with the heads, returns a module)"
+
+
+@dataclass
+class AudioConfig(RecipeConfig):
+    """Knobs of every audio recipe (recipes change the defaults and add their own)."""
+
+    sample_rate: int = option(16_000, "resample every clip to this rate (anti-aliased)")
+    mono: bool = option(True, "average the channels into one")
+    seconds: float | None = option(None, "clip length in seconds: longer clips are cut; unset keeps "
+                                      "whole clips")
+    pad: bool = option(True, "with --seconds, zero-pad shorter clips (else batches are padded "
+                       "to their longest clip); batches carry lengths and attention_mask")
+    random_crop: bool = option(False, "training clips longer than --seconds: a random window")
+    stratify: bool = option(False, "training batches with about equal counts per class")
+    model: str = option("smallcnn", MODEL_HELP)
+
+
+# ---- paths ---------------------------------------------------------------------------------------
+
+
+def join(root: str, *parts: str) -> str:
+    """Join a local path or an fsspec URL with relative parts."""
+    return posixpath.join(root.rstrip("/"), *parts)
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    fs, path = io.filesystem(url, storage_options)
+    return bool(fs.exists(path))
+
+
+def require(url: str | None, hint: str, storage_options: dict | None = None) -> str:
+    """``url`` when it exists, else an error that says how to get the data."""
+    if url is None:
+        raise FlowsError(f"no data directory given (data_dir). {hint}")
+    if not exists(url, storage_options):
+        raise FlowsError(f"{url} does not exist. {hint}")
+    return url
+
+
+def read_json(url: str, storage_options: dict | None = None) -> Any:
+    with io.open_file(url, storage_options) as f:
+        return json.load(f)
+
+
+# ---- audio ---------------------------------------------------------------------------------------
+
+
+class Clip(Stage):
+    """Cut ``audio`` to at most ``length`` frames (the start, or a random window when ``random``)
+    and, with ``pad``, zero-pad it to exactly ``length`` recording the real ``lengths`` and an
+    ``attention_mask`` (True on real frames), like variable-length batches have."""
+
+    name = "clip"
+
+    def __init__(self, length: int, pad: bool = True, random: bool = False):
+        self.length, self.pad, self.random = length, pad, random
+
+    def __call__(self, item: dict, generator: np.random.Generator | None = None) -> dict:
+        audio = item["audio"]
+        frames = audio.shape[-1]
+        start = 0
+        if generator is not None and frames > self.length:
+            start = int(generator.integers(0, frames - self.length + 1))
+        if not self.pad:
+            return {**item, "audio": audio[..., start : start + self.length]}
+        real = min(frames - start, self.length)
+        return {**item, "audio": fit(audio, self.length, start), "lengths": real,
+                "attention_mask": torch.arange(self.length) < real}
+
+
+def audio_chain(flow: Flow, config: AudioConfig, train: bool, embedded: str | None = None,
+                extra: Sequence[Callable] = ()) -> Flow:
+    """The audio chain: read -> decode -> downmix -> resample -> ``extra`` stages -> clip to
+    ``config.seconds``.
+
+    ``embedded`` names a field holding the encoded audio (a Hugging Face ``{bytes, path}``
+    column) instead of reading each record's ``path``."""
+    flow = flow.decode_audio(embedded) if embedded else flow.read().decode_audio()
+    if config.mono:
+        flow = flow.downmix()
+    flow = flow.resample(config.sample_rate)
+    for stage in extra:
+        flow = flow.map(stage)
+    if config.seconds:
+        length = round(config.seconds * config.sample_rate)
+        flow = flow.map(Clip(length, config.pad, random=train and config.random_crop))
+    return flow
+
+
+def fixed_length(config: AudioConfig) -> bool:
+    """Whether the chain gives every clip the same length (else batches are padded per batch)."""
+    return bool(config.seconds) and config.pad
+
+
+# ---- batches -------------------------------------------------------------------------------------
+
+
+def batches(flow: Flow, config: RecipeConfig, train: bool, stratify: str | None = None,
+            variable: bool = False) -> Flow:
+    """Training: reshuffled every epoch (seeded), optionally class-stratified on the record field
+    ``stratify``; evaluation: in order. ``variable`` pads audio per batch and adds ``lengths``
+    and ``attention_mask``."""
+    size = config.batch_size
+    if not train:
+        return flow.batch(size, variable=variable)
+    flow = flow.shuffle(config.seed)
+    if stratify is not None:
+        return flow.stratify(stratify, size, variable=variable)
+    return flow.batch(size, variable=variable)
+
+
+def split(flow: Flow, train: bool, eval_fraction: float, seed: int, folds: int = 0,
+          fold: int = 0) -> Flow:
+    """The train or eval part of ``flow``'s records (see :func:`split_indices`)."""
+    if flow.source is None:
+        raise FlowsError("only a flow with a source can be split")
+    parts = split_indices(len(flow.source), eval_fraction, seed, folds, fold)
+    return flow.select(parts[0] if train else parts[1])
+
+
+def split_indices(n: int, eval_fraction: float, seed: int, folds: int = 0,
+                  fold: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, eval) indices: a seeded ``eval_fraction`` split (as ``Flow.split``), or with
+    ``folds`` > 1 fold number ``fold`` (0-based) of a seeded k-fold partition as the eval part."""
+    if folds > 1:
+        if not 0 <= fold < folds:
+            raise FlowsError(f"fold must be in 0..{folds - 1}, got {fold}")
+        parts = np.array_split(rng(seed, "folds").permutation(n), folds)
+        rest = np.concatenate([p for i, p in enumerate(parts) if i != fold])
+        return np.sort(rest), np.sort(parts[fold])
+    train, held_out = splits(n, [1.0 - eval_fraction, eval_fraction], seed)
+    return train, held_out
+
+
+def as_names(value: str | Sequence[str]) -> list[str]:
+    """Names from ``"a,b,c"`` or a sequence."""
+    items = value.split(",") if isinstance(value, str) else value
+    return [v.strip() for v in items if v.strip()]
+
+
+# ---- labels ----------------------------------------------------------------------------------------
+
+
+def class_names(values: Iterable[Any]) -> list[str]:
+    """Sorted distinct values, as strings: position = class index."""
+    return sorted({str(v) for v in values})
+
+
+class ClassIndex(Stage):
+    """Set ``item[to]`` to the class index of ``item[column]`` among ``names``, and
+    ``item[to + "_name"]`` to the class name."""
+
+    name = "class_index"
+
+    def __init__(self, column: str, names: Sequence[str], to: str = "label"):
+        self.column, self.to = column, to
+        self.index = {name: i for i, name in enumerate(names)}
+
+    def __call__(self, item: dict) -> dict:
+        value = str(item[self.column])
+        if value not in self.index:
+            raise FlowsError(f"{self.column}={value!r} is not one of the known classes")
+        return {**item, self.to: self.index[value], f"{self.to}_name": value}
+
+
+def save_label_maps(maps: Mapping[str, Sequence[str]], path: str | Path) -> Path:
+    """Write ``{target: [class names by index]}`` as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: list(v) for k, v in maps.items()}, indent=2) + "\n")
+    return path
+
+
+# ---- sources -----------------------------------------------------------------------------------------
+
+
+class Concat(Source):
+    """Several sources one after another (e.g. the Parquet shards of one split)."""
+
+    name = "concat"
+
+    def __init__(self, sources: Sequence[Source]):
+        self.sources = list(sources)
+        self.starts = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def _locate(self, index: int) -> tuple[Source, int]:
+        part = int(np.searchsorted(self.starts, index, side="right") - 1)
+        return self.sources[part], index - int(self.starts[part])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> Any:
+        source, inner = self._locate(index)
+        return source[inner]
+
+    def key(self, index: int) -> str:
+        source, inner = self._locate(index)
+        return source.key(inner)
+
+    def column(self, name: str) -> np.ndarray:
+        return np.concatenate([s.column(name) for s in self.sources])
+
+    def blocks(self) -> list[np.ndarray] | None:
+        inner = [s.blocks() for s in self.sources]
+        if all(b is None for b in inner):
+            return None
+        return [start + block
+                for start, source, parts in zip(self.starts[:-1], self.sources, inner, strict=True)
+                for block in (parts if parts is not None else [np.arange(len(source))])]
+
+
+# ---- models and the recipe base class ------------------------------------------------------------------
+
+
+def build_model(spec: str, outputs: Outputs, **options: Any) -> nn.Module:
+    """``"smallcnn"`` or ``"m5"`` (``options`` passed on), or ``"package.module:factory"``: any
+    callable returning an ``nn.Module``, called with ``outputs``."""
+    if spec == "smallcnn":
+        return SmallCNN(outputs, **options)
+    if spec == "m5":
+        return M5(outputs, **options)
+    module, _, attribute = spec.partition(":")
+    if not attribute:
+        raise FlowsError(f"model must be 'smallcnn', 'm5' or 'package.module:factory', got {spec!r}")
+    factory: Callable[[Outputs], nn.Module] = getattr(importlib.import_module(module), attribute)
+    return factory(outputs)
+
+
+class BaseRecipe(Recipe):
+    """A recipe whose model is ``config.model`` with the heads ``outputs()``, or any
+    ``nn.Module`` passed as ``model=``; subclasses list their classes in ``label_maps()``."""
+
+    def __init__(self, config: RecipeConfig, model: nn.Module | None = None):
+        super().__init__(config)
+        self.custom_model = model
+
+    def outputs(self) -> Outputs:
+        """The default model's heads (see :mod:`flows.models`)."""
+        raise NotImplementedError
+
+    def model_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for the built-in models."""
+        return {}
+
+    def model(self) -> nn.Module:
+        if self.custom_model is not None:
+            return self.custom_model
+        spec = getattr(self.config, "model", "smallcnn")
+        return build_model(spec, self.outputs(), **self.model_options())
+
+    def label_maps(self) -> dict[str, list[str]]:
+        """``{label field: class names by index}``."""
+        return {}
+
+    def export_label_maps(self, path: str | Path) -> Path:
+        """Write :meth:`label_maps` as JSON."""
+        return save_label_maps(self.label_maps(), path)
