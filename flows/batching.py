@@ -3,7 +3,7 @@
 Tensors of equal shape are stacked. With ``variable=True`` the ``audio`` field (or another
 ``length_key``) is right-padded to the longest and the batch carries ``lengths`` and an
 ``attention_mask`` (True on real frames). Numbers become tensors; strings and anything else
-(ids, paths, metadata) stay lists, so a batch keeps its labels and extra columns.
+(ids, paths, metadata, numbers with gaps) stay lists, so a batch keeps its labels and extra columns.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Collate:
                     batch.update(self._padded(values))
                 else:
                     batch[key] = self._tensors(key, values)
-            elif isinstance(values[0], (Number, bool)):
+            elif all(isinstance(v, (Number, bool)) for v in values):
                 batch[key] = torch.tensor(values)
             else:
                 batch[key] = values

@@ -193,7 +193,7 @@ class Table(Source):
             meta = self._file().metadata
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-            self._rows = self._parquet_filter(where)
+            self._rows = self._parquet_filter(where, wanted)
             self._read_group = functools.lru_cache(maxsize=cached_row_groups)(self._group)
         else:
             mask = _mask(self._frame, where)
@@ -220,12 +220,14 @@ class Table(Source):
     def _group(self, group: int) -> list[dict]:
         return self._file().read_row_group(group, columns=self.columns).to_pylist()
 
-    def _parquet_filter(self, where: Where) -> np.ndarray | None:
+    def _parquet_filter(self, where: Where, columns: list[str]) -> np.ndarray | None:
+        """Row numbers kept by ``where``, reading only its columns (all selected ones for a callable)."""
         if where is None:
             return None
         kept = []
         for g in range(len(self._starts) - 1):
-            frame = self._file().read_row_group(g, columns=_where_columns(where)).to_pandas()
+            needed = _where_columns(where) or columns
+            frame = self._file().read_row_group(g, columns=needed).to_pandas()
             kept.append(self._starts[g] + np.flatnonzero(_mask(frame, where)))
         return np.concatenate(kept) if kept else np.zeros(0, np.int64)
 

@@ -24,6 +24,11 @@ def test_fixed_length_collation_keeps_metadata():
     assert batch["score"].dtype == torch.float64 or batch["score"].dtype == torch.float32
 
 
+def test_numbers_with_gaps_stay_lists():
+    records = [{"key": "a", "bits": 16}, {"key": "b", "bits": None}]
+    assert next(iter(Flow.items(records).batch(2).loader()))["bits"] == [16, None]
+
+
 def test_variable_length_collation_has_lengths_and_mask():
     batch = next(iter(Flow.items(clips([5, 7, 3])).batch(3, variable=True).loader()))
     assert batch["audio"].shape == (3, 1, 7)

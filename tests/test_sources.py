@@ -71,6 +71,9 @@ def test_parquet_filter_and_block_shuffle(tmp_path):
     write_parquet(tmp_path / "t.parquet", rows=100, payload=8, group=10)
     flow = Flow.table(str(tmp_path / "t.parquet"), columns=["id", "label"], where={"label": 0})
     assert [r["id"] for r in flow.loader()] == list(range(0, 100, 3))
+    by_callable = Flow.table(str(tmp_path / "t.parquet"), columns=["id", "label"],
+                             where=lambda frame: frame["id"] >= 95)
+    assert [r["id"] for r in by_callable.loader()] == [95, 96, 97, 98, 99]
     shuffled = Flow.table(str(tmp_path / "t.parquet"), columns=["id"]).shuffle(seed=1, window=2)
     ids = [r["id"] for r in shuffled.loader()]
     assert sorted(ids) == list(range(100)) and ids != list(range(100))

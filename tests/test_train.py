@@ -50,24 +50,24 @@ class Jitter:
 
 
 class Net(nn.Module):
-    """A small MLP with dropout (so training consumes torch's RNG) and one of several heads."""
+    """A small MLP with dropout (so training consumes torch's RNG) and the heads of a task."""
+
+    HEADS = {"classify": {"cls": 2}, "sequence": {"seq": 16}, "regress": {"reg": 1},
+             "multi": {"cls": 2, "reg": 1}}
 
     def __init__(self, kind: str):
         super().__init__()
         self.kind = kind
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Dropout(0.3))
-        self.a = nn.Linear(12, 16 if kind == "sequence" else 2)
-        self.b = nn.Linear(12, 1)
+        self.heads = nn.ModuleDict({k: nn.Linear(12, n) for k, n in self.HEADS[kind].items()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         h = self.body(x)
-        if self.kind == "sequence":
-            return self.a(h).view(-1, 8, 2)
-        if self.kind == "regress":
-            return self.b(h)
+        out = {name: head(h) for name, head in self.heads.items()}
         if self.kind == "multi":
-            return {"cls": self.a(h), "reg": self.b(h)}
-        return self.a(h)
+            return out
+        (y,) = out.values()
+        return y.view(-1, 8, 2) if self.kind == "sequence" else y
 
 
 @dataclass
