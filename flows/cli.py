@@ -30,11 +30,14 @@ from typing import Any, Literal
 from fsspec.core import url_to_fs
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from flows.demo import run_demo
 from flows.errors import FlowsError
+from flows.inspection import bench, describe
 from flows.metrics_log import format_metrics
 from flows.recipe import REGISTRY, Recipe, RecipeConfig, get_recipe, make_config
+from flows.train import TrainConfig, train
 
-RECIPE_COMMANDS = ("train", "inspect", "bench")
+_RECIPE_COMMANDS = ("train", "inspect", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,14 +76,12 @@ def _warn(message: Warning | str, category: type[Warning], *args: Any, **kwargs:
 
 def _recipe_of(argv: list[str]) -> type[Recipe] | None:
     """The recipe named on a recipe command's line (its options depend on it)."""
-    if len(argv) >= 2 and argv[0] in RECIPE_COMMANDS and not argv[1].startswith("-"):
+    if len(argv) >= 2 and argv[0] in _RECIPE_COMMANDS and not argv[1].startswith("-"):
         return get_recipe(argv[1])
     return None
 
 
 def _parser(recipe: type[Recipe] | None) -> argparse.ArgumentParser:
-    from flows.train import TrainConfig
-
     parser = _Parser(prog="flows", description="Composable, exactly resumable data pipelines "
                      "for PyTorch training: train, inspect and benchmark recipes.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
@@ -89,7 +90,7 @@ def _parser(recipe: type[Recipe] | None) -> argparse.ArgumentParser:
              "inspect": "describe a recipe's data: counts, classes, durations, plots",
              "bench": "throughput of a recipe's train pipeline, stage by stage"}
     runs = {"train": _train, "inspect": _inspect, "bench": _bench}
-    for name in RECIPE_COMMANDS:
+    for name in _RECIPE_COMMANDS:
         sub = commands.add_parser(name, help=helps[name], description=helps[name])
         sub.set_defaults(run=runs[name])
         sub.add_argument("recipe", metavar="RECIPE", help=f"a recipe: {_known()}, or "
@@ -155,7 +156,8 @@ def _add_options(group: argparse._ArgumentGroup, config: type,
         elif kind is dict or typing.get_origin(kind) is dict:
             options.update(type=_json_object, metavar="JSON")
         elif typing.get_origin(kind) in (list, tuple):
-            options.update(type=typing.get_args(kind)[0], nargs="+")
+            item = typing.get_args(kind)[0]
+            options.update(type=item, nargs="+", metavar=_metavar(f.name, item))
         else:
             options.update(type=kind if kind in (int, float) else str,
                            metavar=_metavar(f.name, kind))
@@ -187,8 +189,8 @@ def _json_object(text: str) -> dict:
 
 def _values(args: argparse.Namespace, config: type) -> dict[str, Any]:
     """The options given on the command line for the fields of ``config``."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config)
-            if getattr(args, f.name, None) is not None}
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(config)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -210,8 +212,6 @@ def _recipe(args: argparse.Namespace) -> Recipe:
 
 # ---- commands -----------------------------------------------------------------------------------
 def _train(args: argparse.Namespace) -> int:
-    from flows.train import TrainConfig, train
-
     recipe = _recipe(args)
     options = _values(args, TrainConfig)
     options.setdefault("checkpoint_dir", f"runs/{recipe.name}/checkpoints")
@@ -226,23 +226,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from flows.inspection import describe
-
     recipe = _recipe(args)
     print(describe(recipe, args.out or f"runs/{recipe.name}/inspect", args.limit))
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from flows.inspection import bench
-
     print(bench(_recipe(args), args.samples))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from flows.demo import run_demo
-
     result = run_demo(args.workdir, args.recipe, args.epochs, args.kill_at, args.workers,
                       args.resume_workers)
     return 0 if result.identical else 1

@@ -72,7 +72,8 @@ def _demo(root: Path, name: str, epochs: int, kill_at: int | None, workers: int,
     seconds["data"] = time.perf_counter() - tick
     kinds = Counter(p.suffix or "other" for p in Path(data).rglob("*") if p.is_file())
     files = ", ".join(f"{n} {suffix}" for suffix, n in kinds.most_common())
-    echo(f"  data       {files} files generated in {data} ({seconds['data']:.1f} s)")
+    echo(f"  data       {sum(kinds.values())} files ({files}) generated in {data} "
+         f"({seconds['data']:.1f} s)")
 
     per_epoch = len(cls(make_config(cls, data_dir=str(data))).train_flow().loader())
     total = per_epoch * epochs
@@ -91,12 +92,17 @@ def _demo(root: Path, name: str, epochs: int, kill_at: int | None, workers: int,
 
     tick = time.perf_counter()
     reference = run("reference", "reference.log", "--num-workers", str(workers))
-    killed = run("interrupted", "interrupted.log", "--num-workers", str(workers),
-                 "--stop-after-steps", str(kill_at), "--stop-signal", "SIGKILL")
-    _wait(killed, root / "interrupted.log", -signal.SIGKILL)
-    seconds["interrupted"] = time.perf_counter() - tick
-    _wait(reference, root / "reference.log", 0)
-    seconds["reference"] = time.perf_counter() - tick
+    try:
+        killed = run("interrupted", "interrupted.log", "--num-workers", str(workers),
+                     "--stop-after-steps", str(kill_at), "--stop-signal", "SIGKILL")
+        _wait(killed, root / "interrupted.log", -signal.SIGKILL)
+        seconds["interrupted"] = time.perf_counter() - tick
+        _wait(reference, root / "reference.log", 0)
+        seconds["reference"] = time.perf_counter() - tick
+    finally:
+        if reference.poll() is None:  # the other run failed: stop this one too
+            reference.kill()
+            reference.wait()
     newest = _newest(root / "interrupted")
     echo(f"  reference  {epochs} epochs x {per_epoch} steps, {workers} workers, never "
          f"interrupted ({seconds['reference']:.1f} s)")

@@ -265,8 +265,8 @@ def _read_sized(fs: fsspec.AbstractFileSystem, path: str, size: int) -> bytes:
     """One GET of the whole object, checked against ``size`` (known from a listing)."""
     options: dict[str, Any] = {}
     if getattr(fs, "max_concurrency", 1) > 1 and size <= getattr(fs, "default_block_size", 0):
-        options["max_concurrency"] = 1  # s3fs would HEAD first, to split large objects
-    data = fs.cat_file(path, **options)
+        options["max_concurrency"] = 1  # s3fs: else a HEAD first, to split large objects
+    data = fs.cat_file(path, **options)  # no Range: a body longer than a stale size shows
     if len(data) != size:
         fs.invalidate_cache(path)
         raise TruncatedReadError(f"read {len(data)} bytes of an object listed with {size} bytes")

@@ -69,6 +69,17 @@ class Loader:
             inner = {key: inner, "steps_since_snapshot": 0} if key == "snapshot" else {key: inner}
         self._loader.load_state_dict({"root": inner, "num_yielded": 0})
 
+    def close(self) -> None:
+        """Stop the background threads and worker processes now (also done by ``with loader:``).
+        A process must not exit with them running: native threads abort at interpreter exit."""
+        _shutdown(self._loader, set())
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def skipped(self) -> int:
         """Samples skipped on error (``on_error="skip"``) so far, as of the last batch delivered."""
@@ -88,3 +99,17 @@ def _count(state: Any, field: str) -> int:
     if isinstance(state, list):
         return sum(_count(v, field) for v in state)
     return 0
+
+
+def _shutdown(node: Any, seen: set[int]) -> None:
+    """Call ``_shutdown()`` on every torchdata iterator in the graph below ``node``."""
+    if node is None or id(node) in seen:
+        return
+    seen.add(id(node))
+    stop = getattr(node, "_shutdown", None)
+    if callable(stop):
+        stop()
+    for name in ("_it", "root", "source", "mapper", "sources"):
+        child = getattr(node, name, None)
+        for c in child if isinstance(child, list) else [child]:
+            _shutdown(c, seen)

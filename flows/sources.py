@@ -214,7 +214,10 @@ class Table(Source):
 
     def _file(self) -> pq.ParquetFile:
         if self._parquet is None:
-            self._parquet = pq.ParquetFile(io.open_file(self.url, self.storage_options))
+            # exact range reads, coalesced by pyarrow: reading a few columns of a row group
+            # transfers just those column chunks
+            handle = io.open_file(self.url, self.storage_options, cache_type="none")
+            self._parquet = pq.ParquetFile(handle, pre_buffer=True)
         return self._parquet
 
     def _group(self, group: int) -> list[dict]:

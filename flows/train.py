@@ -268,6 +268,12 @@ class _Run:
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        finally:
+            self.train_loader.close()  # no loader thread may outlive the run
+
+    def _fit(self) -> TrainResult:
         start = time.perf_counter()
         epochs = self.recipe.config.epochs
         batches = iter(self.train_loader)
@@ -280,7 +286,7 @@ class _Run:
                 self._end_epoch()
             if self.interrupted or self._reached_max_steps():
                 break
-        if self.interrupted:
+        if self.interrupted and self.rank == 0:
             log.warning("stopped by %s at step %d; checkpoint %s; continue with --resume",
                         self.interrupted, self.step, self.checkpoint)
         if self.config.plot and self.log is not None:
@@ -412,8 +418,8 @@ class _Run:
         self.model.eval()
         sums: dict[str, tuple[float, float]] = {}
         try:
-            with torch.no_grad():
-                for batch in self.eval_flow.loader(num_workers=self.recipe.config.num_workers):
+            with torch.no_grad(), self.eval_flow.loader(num_workers=self.recipe.config.num_workers) as loader:
+                for batch in loader:
                     if self.world == 1 and self.stop.signum is not None:
                         return  # stopping: no time for the rest
                     batch = to_device(batch, self.device)

@@ -412,3 +412,23 @@ def test_local_cache_serves_later_epochs(clips, fault_proxy, tmp_path, monkeypat
     assert_same(list(loader), first)
     assert len(proxy.requests) == 0  # the second epoch never touched S3
     assert len(os.listdir(tmp_path / "cache")) == 8
+
+
+@pytest.mark.parametrize("change", ["grew", "shrank"])
+def test_stale_listed_size_never_returns_wrong_data(change, fault_proxy, s3_options, prefix):
+    """Sizes from a listing save the HEAD; an object rewritten since is still read whole."""
+    url = f"{prefix}/object.bin"
+    fs = fsspec.filesystem("s3", **s3_options)
+    fs.pipe_file(url, b"x" * 1000)
+    proxy = fault_proxy(rate=0.0)
+    options = proxy.storage_options()
+    assert fio.list_files_with_sizes(prefix, storage_options=options) == {url: 1000}
+    assert fio.read_bytes(url, options) == b"x" * 1000
+    new = b"y" * (1500 if change == "grew" else 500)
+    fs.pipe_file(url, new)
+    proxy.reset_counts()
+    assert fio.read_bytes(url, options, backoff=0.001) == new
+    assert [r["method"] for r in proxy.requests] == ["GET", "HEAD", "GET"]  # then asked afresh
+    proxy.reset_counts()
+    assert fio.read_bytes(url, options) == new  # the verified size is remembered
+    assert [r["method"] for r in proxy.requests] == ["GET"]

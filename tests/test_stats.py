@@ -69,9 +69,10 @@ def test_same_output_and_state_with_stats(workers, method):
 def test_resume_is_exact_with_stats():
     built = flow()
     check_resume(lambda: built.loader(num_workers=2, stats=True),
-                 rebuild=lambda: built.loader(num_workers=1))
+                 rebuild=lambda: built.loader(num_workers=1), points=[2, 7])
     check_resume(lambda: built.loader(num_workers=0),
-                 rebuild=lambda: built.loader(num_workers=2, method="process", stats=True))
+                 rebuild=lambda: built.loader(num_workers=2, method="process", stats=True),
+                 points=[3])
 
 
 def test_filters_mixes_and_skips_are_counted_as_without_stats():
