@@ -33,9 +33,12 @@ class Loader:
             stats.attach(root)
 
     def __iter__(self) -> Iterator[Any]:
-        if self._stats is None:
-            return iter(self._loader)
-        return self._stats.watch(self._loader)
+        it = iter(self._loader)
+        if it._cached_item is None:
+            # torchdata, restarting a loader restored at an epoch's end, keeps reporting that
+            # end as its state for the whole next epoch: drop the stale state
+            it._cached_state_dict = None
+        return it if self._stats is None else self._stats.watch(it)
 
     def stats(self, reset: bool = False) -> Report:
         """Per-node timings, queue depths and the bottleneck so far (a loader built with

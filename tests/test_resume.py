@@ -101,3 +101,21 @@ def test_state_is_small_and_plain():
     state = loader.state_dict()
     assert len(repr(state)) < 600  # a cursor, never the data
     torch.save(state, "/dev/null")
+
+
+def test_state_saved_again_after_restoring_at_an_epoch_end():
+    batched = Flow.items(records(12)).shuffle(seed=1).batch(4)
+    reference = run_epochs(batched.loader(), 2)
+    first = batched.loader()
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    end = first.state_dict()
+    second = batched.loader()
+    second.load_state_dict(end)
+    it = iter(second)
+    out = [next(it)]
+    third = batched.loader()
+    third.load_state_dict(second.state_dict())
+    out += list(third)
+    assert_same(out, reference[3:])
