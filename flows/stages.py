@@ -8,6 +8,7 @@ so their draws are the same after a resume and for any number of workers.
 from __future__ import annotations
 
 import io as _io
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 
 from flows import io
+
+_NPY_HEADER_LOCK = threading.Lock()
 
 
 class Stage:
@@ -87,7 +90,9 @@ class DecodeTensor(Stage):
     def __call__(self, item: dict) -> dict:
         data = item[self.field]
         if data[:6] == b"\x93NUMPY":
-            tensor = torch.from_numpy(np.load(_io.BytesIO(data), allow_pickle=False))
+            with _NPY_HEADER_LOCK:  # np.load parses the header with ast: not thread-safe on 3.11
+                array = np.load(_io.BytesIO(data), allow_pickle=False)
+            tensor = torch.from_numpy(array)
         else:
             tensor = torch.load(_io.BytesIO(data), weights_only=True, map_location="cpu")
         out = {k: v for k, v in item.items() if k != self.field}
