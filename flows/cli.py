@@ -18,6 +18,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import types
@@ -31,6 +32,7 @@ from fsspec.core import url_to_fs
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flows.demo import run_demo
+from flows.distributed import teardown
 from flows.errors import FlowsError
 from flows.inspection import bench, describe
 from flows.metrics_log import format_metrics
@@ -218,11 +220,20 @@ def _train(args: argparse.Namespace) -> int:
     local = "://" not in options["checkpoint_dir"]
     run_dir = options["checkpoint_dir"] if local else f"runs/{recipe.name}"
     options.setdefault("log_path", str(Path(run_dir) / "metrics.jsonl"))
-    result = train(recipe, TrainConfig(**options))
+    try:
+        result = train(recipe, TrainConfig(**options))  # under torchrun: one rank of the job
+    finally:
+        teardown()  # the process group train() joined, if it did
     scores = format_metrics(result.metrics or result.train_metrics)
-    print(f"{recipe.name}: step {result.step}, epoch {result.epoch}: {scores} "
-          f"({result.seconds:.1f} s); checkpoint {result.checkpoint}")
+    if _rank() == 0:
+        print(f"{recipe.name}: step {result.step}, epoch {result.epoch}: {scores} "
+              f"({result.seconds:.1f} s); checkpoint {result.checkpoint}")
     return 128 + signal.Signals[result.interrupted] if result.interrupted else 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _inspect(args: argparse.Namespace) -> int:

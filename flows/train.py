@@ -20,8 +20,13 @@ bit for bit, as a run never interrupted. That holds because
   always agree;
 - evaluation builds a fresh eval loader each time and restores the RNGs afterwards.
 
-Under torch.distributed the model is wrapped in DistributedDataParallel, metric sums are
-gathered over ranks, ranks agree on stopping, and only rank 0 writes checkpoints and logs.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`train` joins the process group itself
+(:func:`flows.distributed.setup`: gloo on CPU, nccl on CUDA), wraps the model in
+DistributedDataParallel, adds metric sums over ranks, makes ranks agree on stopping, and only
+rank 0 writes checkpoints and logs. Rank 0's loader position stands for every rank's (it counts
+global batches); checkpoints also hold every rank's RNG state and the training sums of all ranks,
+so a mid-epoch checkpoint resumes on any number of ranks that makes the same global batches
+(``global_batch_size``), and is refused with a clear message otherwise.
 """
 
 from __future__ import annotations
@@ -43,6 +48,13 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from flows.checkpoint import CheckpointManager, capture_rng, restore_rng
+from flows.distributed import (
+    broadcast_object,
+    global_plans,
+    per_rank_batch_size,
+    setup,
+    with_batch_size,
+)
 from flows.errors import FlowsError
 from flows.flow import Flow
 from flows.metrics_log import LogFormat, MetricsLog, format_metrics, plot_log
@@ -74,6 +86,9 @@ class TrainConfig:
         None, "fsspec options for the checkpoint directory, as JSON")
     eval_every: int = _option(0, "also evaluate every N optimizer steps (0: epoch ends)")
     max_steps: int | None = _option(None, "stop after N optimizer steps in all")
+    global_batch_size: int | None = _option(
+        None, "samples per batch over all ranks: sets the recipe's batch size to this divided "
+              "by the number of ranks (keep it when resuming on another number of ranks)")
     accumulate: int = _option(1, "micro-batches per optimizer step (gradient accumulation)")
     grad_clip: float | None = _option(None, "clip the gradient norm to this value")
     amp: bool = _option(False, "mixed precision: float16 on GPUs, bfloat16 on CPU")
@@ -108,6 +123,9 @@ def train(recipe: Recipe, config: TrainConfig | None = None) -> TrainResult:
     """Train ``recipe`` as ``config`` says; see the module docstring."""
     config = config or TrainConfig()
     _check(recipe.config, config)
+    _, world = setup(config.device)  # under torchrun: join its process group
+    if config.global_batch_size is not None:
+        recipe = with_batch_size(recipe, per_rank_batch_size(config.global_batch_size, world))
     with _deterministic(config.deterministic), _StopSignals() as stop:
         return _Run(recipe, config, stop).fit()
 
@@ -137,7 +155,8 @@ def _check(rc: RecipeConfig, config: TrainConfig) -> None:
               ("checkpoint_every", config.checkpoint_every, 0),
               ("eval_every", config.eval_every, 0), ("max_steps", config.max_steps, 1),
               ("accumulate", config.accumulate, 1), ("log_every", config.log_every, 1),
-              ("stop_after_steps", config.stop_after_steps, 1)]
+              ("stop_after_steps", config.stop_after_steps, 1),
+              ("global_batch_size", config.global_batch_size, 1)]
     for name, value, floor in floors:
         if value is not None and value < floor:
             raise FlowsError(f"{name} must be at least {floor}, got {value}")
@@ -326,9 +345,11 @@ class _Run:
             bar.set_postfix(loss=f"{self.running['loss'][0] / self.running['loss'][1]:.4f}",
                             samples_s=f"{rate:.0f}")
             self._stop_hook()
-            if self.step % config.log_every == 0:
+            if config.log_path and self.step % config.log_every == 0:
                 lr = self.optimizer.param_groups[0]["lr"]
-                self._log("step", {**finalize(group), "lr": lr, "samples_per_s": rate},
+                total = self._gather_sums(group)  # all ranks' samples: rate is the job's
+                rate = total["loss"][1] / max(now - tick, 1e-9)
+                self._log("step", {**finalize(total), "lr": lr, "samples_per_s": rate},
                           self.epoch + 1)
             micro, tick, group = 0, now, {}
             if last:  # the epoch end evaluates and checkpoints
@@ -455,10 +476,16 @@ class _Run:
         if self.checkpoints is None:
             return
         rngs: list[Any] = [capture_rng()]
-        if self.world > 1:
-            rngs = [None] * self.world
-            dist.all_gather_object(rngs, capture_rng())
+        running = self.running
+        if self.world > 1:  # every rank's RNGs; the epoch's training sums added over ranks
+            parts: list[Any] = [None] * self.world
+            dist.all_gather_object(parts, (capture_rng(), self.running))
+            rngs, running = [part[0] for part in parts], {}
+            for part in parts:
+                _add(running, part[1])
         if self.rank != 0:
+            # wait until rank 0 has written it: once one rank exits, torchrun stops the others
+            dist.barrier()
             return
         state = {
             "recipe": self.recipe.name,
@@ -469,16 +496,29 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
-            "loaders": {"train": loader_state},
+            "loaders": {"train": loader_state},  # rank 0's: global batches, so every rank's
+            "world_size": self.world,
+            "plans": global_plans(self.train_loader),
             "rng": rngs,
-            "running": self.running,
+            "running": running,
             "metrics": {"eval": self.metrics, "train": self.train_metrics},
         }
         self.checkpoint = self.checkpoints.save(state, self.step)
+        if self.world > 1:
+            dist.barrier()
 
     def _resume(self) -> None:
         assert self.checkpoints is not None
-        found = self.checkpoints.latest_valid(map_location="cpu")
+        # rank 0 picks the checkpoint, every rank loads that one (from shared storage)
+        found = self.checkpoints.latest_valid(map_location="cpu") if self.rank == 0 else None
+        url = broadcast_object(found[0] if found is not None else None)
+        if url is not None and found is None:
+            try:
+                found = url, self.checkpoints.load(url, map_location="cpu")
+            except FlowsError as e:
+                raise FlowsError(f"rank {self.rank}: {e}; under torchrun on several machines "
+                                 "the checkpoint directory must be storage every machine "
+                                 "reads (s3://, a shared file system)") from e
         if found is None:
             log.info("no checkpoint in %s yet: starting from scratch", self.config.checkpoint_dir)
             return
@@ -486,6 +526,7 @@ class _Run:
         if state["recipe"] != self.recipe.name:
             raise FlowsError(f"checkpoint {url} is from recipe {state['recipe']!r}, not "
                              f"{self.recipe.name!r}")
+        self._check_plans(url, state)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -498,10 +539,29 @@ class _Run:
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["loaders"]["train"])
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
-        self.running = dict(state["running"])
+        # the sums of all ranks so far: held by rank 0 alone, they are added once at epoch end
+        self.running = dict(state["running"]) if self.rank == 0 else {}
         self.metrics, self.train_metrics = state["metrics"]["eval"], state["metrics"]["train"]
         rngs = state["rng"]
         restore_rng(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
         self.checkpoint = self.resumed_from = url
         if self.rank == 0:
             log.info("resumed from %s (step %d, epoch %d)", url, self.step, self.epoch)
+            saved_world = state.get("world_size", 1)
+            if saved_world != self.world:
+                log.info("the checkpoint was written by %d rank(s); continuing on %d",
+                         saved_world, self.world)
+
+    def _check_plans(self, url: str, state: dict[str, Any]) -> None:
+        """A mid-epoch loader position means something only for the same global batches: on
+        another number of ranks the global batch size must be the same (an epoch-end checkpoint
+        starts the next epoch, which any batching may do)."""
+        saved, now = state.get("plans"), global_plans(self.train_loader)
+        if state["batch"] == 0 or saved is None or now is None or saved == now:
+            return
+        world = state.get("world_size", 1)
+        raise FlowsError(
+            f"checkpoint {url} stopped mid-epoch on {world} rank(s) with global batches "
+            f"[{'; '.join(saved)}], but this run on {self.world} rank(s) makes "
+            f"[{'; '.join(now)}]: resume with the same global batch size (--global-batch-size, "
+            f"or --batch-size global/ranks), or from an epoch-end checkpoint")
