@@ -37,6 +37,8 @@ from flows.errors import FlowsError
 from flows.inspection import bench, describe
 from flows.metrics_log import format_metrics
 from flows.recipe import REGISTRY, Recipe, RecipeConfig, get_recipe, make_config
+from flows.stats import Stats
+from flows.stats import bench as stats_bench
 from flows.train import TrainConfig, train
 
 _RECIPE_COMMANDS = ("train", "inspect", "bench")
@@ -114,6 +116,10 @@ def _parser(recipe: type[Recipe] | None) -> argparse.ArgumentParser:
         else:
             sub.add_argument("--samples", type=int, default=256,
                              help="samples timed per stage (default: 256)")
+            sub.add_argument("--bench-epochs", type=int, default=1,
+                             help="epochs of the whole train loader measured with stats (default: 1)")
+            sub.add_argument("--trace", metavar="JSON",
+                             help="also write a Chrome trace of those epochs to this file")
     demo = commands.add_parser("demo", help="train on synthetic YESNO, kill the run, resume "
                                "it, and check it matches an uninterrupted run bit for bit")
     demo.set_defaults(run=_demo)
@@ -243,7 +249,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    print(bench(_recipe(args), args.samples))
+    recipe = _recipe(args)
+    print(bench(recipe, args.samples))
+    workers = recipe.config.num_workers
+    print(f"\ntrain loader, {workers} worker(s), {args.bench_epochs} epoch(s), per node:")
+    with recipe.train_flow().loader(workers, stats=Stats(trace=bool(args.trace))) as loader:
+        report = stats_bench(loader, epochs=args.bench_epochs)
+    print(report.table())
+    if args.trace:
+        print(f"Chrome trace: {report.save_trace(args.trace)}")
     return 0
 
 

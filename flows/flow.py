@@ -8,7 +8,7 @@
               .loader(num_workers=4))
 
 Each method returns a new Flow. ``loader()`` builds the node graph:
-Sampler -> ParallelMapper(stages) -> Gather(collate) -> Prefetcher -> PinMemory -> ToDevice.
+Sampler -> Workers(stages) -> Gather(collate) -> Prefetcher -> PinMemory -> ToDevice.
 """
 
 from __future__ import annotations

@@ -33,12 +33,15 @@ class Loader:
             stats.attach(root)
 
     def __iter__(self) -> Iterator[Any]:
+        return self._epoch() if self._stats is None else self._stats.watch(self._epoch)
+
+    def _epoch(self) -> Iterator[Any]:
         it = iter(self._loader)
         if it._cached_item is None:
             # torchdata, restarting a loader restored at an epoch's end, keeps reporting that
             # end as its state for the whole next epoch: drop the stale state
             it._cached_state_dict = None
-        return it if self._stats is None else self._stats.watch(it)
+        return it
 
     def stats(self, reset: bool = False) -> Report:
         """Per-node timings, queue depths and the bottleneck so far (a loader built with
@@ -105,14 +108,14 @@ def _count(state: Any, field: str) -> int:
 
 
 def _shutdown(node: Any, seen: set[int]) -> None:
-    """Call ``_shutdown()`` on every torchdata iterator in the graph below ``node``."""
+    """Call ``_shutdown()`` on every node and torchdata iterator in the graph below ``node``."""
     if node is None or id(node) in seen:
         return
     seen.add(id(node))
     stop = getattr(node, "_shutdown", None)
     if callable(stop):
         stop()
-    for name in ("_it", "root", "source", "mapper", "sources"):
+    for name in ("_it", "root", "source", "sources"):
         child = getattr(node, name, None)
         for c in child if isinstance(child, list) else [child]:
             _shutdown(c, seen)

@@ -1,7 +1,8 @@
 """The nodes flows adds to ``torchdata.nodes``; each follows its ``reset(initial_state)`` /
 ``get_state()`` / ``next()`` contract with plain-dict state.
 
-- :class:`Apply` runs the per-sample stages on an Envelope (inside torchdata's ParallelMapper).
+- :class:`Apply` runs the per-sample stages on an Envelope.
+- :class:`Workers` runs Apply in a pool of threads or processes that lives across epochs.
 - :class:`Gather` regroups this rank's slice of each global batch, drops skipped samples
   (counting them in its state) and collates.
 - :class:`Mix` interleaves several flows with seeded weights.
@@ -10,13 +11,16 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torchdata.nodes import BaseNode, ParallelMapper
+from torchdata.nodes import BaseNode
 
 from flows.errors import FlowsError, StageError
 from flows.sampling import Envelope, rng
@@ -71,32 +75,118 @@ class Apply:
 
 
 class Workers(BaseNode):
-    """torchdata's ParallelMapper (in order, threads or processes, inline for 0 workers) with a
-    state that does not depend on the number of workers: ``{"source": <state after the last
-    item yielded>}``. Its per-item snapshots mean a restore never re-maps consumed items."""
+    """Maps ``fn`` over ``source`` in ``num_workers`` threads or processes, in order (inline for
+    0), with up to ``4 * num_workers`` items in flight.
+
+    The pool starts with the first epoch and lives until :meth:`close` (``Loader.close()``):
+    epochs and restores reuse it, so starting an epoch costs no thread or process start-up.
+    Items are read from ``source`` in the consumer's thread, each with the source's state
+    after it; the Workers' state is ``{"source": <that state for the last item yielded>}``,
+    the same for any number or kind of workers, and a restore never maps a consumed item again.
+    Process workers get ``fn`` once (at start-up, not with every item) and one torch thread each.
+    """
 
     def __init__(self, source: BaseNode, fn: Callable, num_workers: int = 0,
                  method: Literal["thread", "process"] = "thread", mp_context: str | None = None):
         super().__init__()
-        self.num_workers = num_workers
-        self.mapper = ParallelMapper(source, fn, num_workers, method=method,
-                                     multiprocessing_context=mp_context, snapshot_frequency=1)
+        if method not in ("thread", "process"):
+            raise FlowsError(f"method must be 'thread' or 'process', not {method!r}")
+        self.source, self.fn, self.num_workers = source, fn, num_workers
+        self.method, self.mp_context = method, mp_context
+        self.window = 4 * num_workers
+        self._pool: Executor | None = None
+        self._pending: deque[tuple[Future | BaseException, dict, str]] = deque()
+        self._exhausted = False
+        self._state: dict = {}
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
-        if initial_state is None:
-            self.mapper.reset()
-            return
-        source = initial_state["source"]
-        inner = {"snapshot": source, "steps_since_snapshot": 0} if self.num_workers else {"source": source}
-        self.mapper.reset({ParallelMapper.IT_STATE_KEY: inner})
+        self._drop_pending()
+        self.source.reset(initial_state["source"] if initial_state else None)
+        self._state, self._exhausted = self.source.state_dict(), False
 
     def next(self) -> Any:
-        return next(self.mapper)
+        if not self.num_workers:
+            out = self.fn(next(self.source))
+            self._state = self.source.state_dict()
+            return out
+        self._fill()
+        if not self._pending:
+            raise StopIteration
+        task, state, key = self._pending.popleft()
+        if isinstance(task, BaseException):
+            raise task
+        self._fill()  # keep the workers busy while this item finishes
+        try:
+            out = task.result()
+        except BrokenExecutor as error:
+            raise FlowsError(f"a worker process died while mapping sample {key!r} ({error}); "
+                             "the loader cannot go on: build a new one") from error
+        self._state = state
+        return out
 
     def get_state(self) -> dict:
-        inner = self.mapper.state_dict()[ParallelMapper.IT_STATE_KEY]
-        return {"source": inner["snapshot"] if self.num_workers else inner["source"]}
+        return {"source": self._state}
+
+    def queues(self) -> tuple[int, int, int]:
+        """(ready, in flight, capacity) of the items read ahead."""
+        ready = sum(1 for task, _, _ in self._pending if not isinstance(task, Future) or task.done())
+        return ready, len(self._pending), self.window
+
+    def _fill(self) -> None:
+        while not self._exhausted and len(self._pending) < self.window:
+            try:
+                item = next(self.source)
+            except StopIteration:
+                self._exhausted = True
+                return
+            except Exception as error:  # noqa: BLE001 - raised in order, after the items before it
+                self._pending.append((error, self._state, ""))
+                self._exhausted = True
+                return
+            state, key = self.source.state_dict(), getattr(item, "key", "")
+            self._pending.append((self._start().submit(self._call, item), state, key))
+
+    def _start(self) -> Executor:
+        if self._pool is None:
+            if self.method == "thread":
+                self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="flows-worker")
+            else:
+                context = multiprocessing.get_context(self.mp_context)
+                self._pool = ProcessPoolExecutor(self.num_workers, mp_context=context,
+                                                 initializer=_install, initargs=(self.fn,))
+        return self._pool
+
+    @property
+    def _call(self) -> Callable:
+        return self.fn if self.method == "thread" else _call_installed
+
+    def _drop_pending(self) -> None:
+        for task, _, _ in self._pending:
+            if isinstance(task, Future):
+                task.cancel()  # one already running finishes; its result is dropped
+        self._pending.clear()
+
+    def _shutdown(self) -> None:
+        """Stop the pool (``Loader.close()`` calls this); a later epoch starts a new one."""
+        self._drop_pending()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+_installed: Callable | None = None  # a process worker's fn
+
+
+def _install(fn: Callable) -> None:
+    global _installed
+    _installed = fn
+    torch.set_num_threads(1)  # the workers are the parallelism
+
+
+def _call_installed(item: Any) -> Any:
+    assert _installed is not None
+    return _installed(item)
 
 
 class Gather(BaseNode):

@@ -169,14 +169,8 @@ class _TimedCollate:
 
 
 def _workers_queues(workers: Workers) -> tuple[int, int, int] | None:
-    """(ready, in flight, capacity) of torchdata's ParallelMapper, None when inline or unknown."""
-    it = getattr(getattr(workers.mapper, "_it", None), "_it", None)
-    try:
-        capacity = it._max_tasks  # type: ignore[union-attr]
-        in_flight = capacity - it._sem._value  # type: ignore[union-attr]
-        return it._out_q.qsize(), in_flight, capacity  # type: ignore[union-attr]
-    except (AttributeError, NotImplementedError):
-        return None
+    """(ready, in flight, capacity) of the workers' read-ahead, None when inline."""
+    return workers.queues() if workers.num_workers else None
 
 
 def _prefetch_queue(prefetcher: Prefetcher) -> tuple[int, int] | None:
@@ -292,11 +286,11 @@ class Stats:
             self._queue("workers: ready", ready, capacity)
             self._queue("workers: in flight", in_flight, capacity)
 
-    def watch(self, loader: Any) -> Iterator[Any]:
-        """``iter(loader)``, timing the wait for each batch and the first batch of the epoch."""
+    def watch(self, start_epoch: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+        """``start_epoch()``, timing the wait for each batch, and the first batch of the epoch
+        from the call on (restarting or restoring the graph included)."""
         start = _now()
-        iterator = iter(loader)
-        return self._watch(iterator, start)
+        return self._watch(start_epoch(), start)
 
     def _watch(self, iterator: Iterator[Any], start: int) -> Iterator[Any]:
         previous = start

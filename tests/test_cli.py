@@ -3,6 +3,7 @@ clear line for every mistake."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -113,9 +114,17 @@ def test_inspect_counts_classes_and_plots(capsys, yesno_data, tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_times_each_stage(capsys, yesno_data):
-    code, out, _ = run(capsys, "bench", YESNO, "--data-dir", str(yesno_data), "--samples", "4")
+def test_bench_times_each_stage_then_prints_the_loader_stats(capsys, yesno_data, tmp_path):
+    trace = tmp_path / "trace.json"
+    code, out, _ = run(capsys, "bench", YESNO, "--data-dir", str(yesno_data), "--samples", "4",
+                       "--num-workers", "1", "--trace", str(trace))
     assert code == 0
-    rows = [line.split()[0] for line in out.splitlines()[2:]]
+    ablation, loader = out.split("\ntrain loader, 1 worker(s), 1 epoch(s), per node:\n")
+    rows = [line.split()[0] for line in ablation.splitlines()[2:]]
     assert rows[0] == "source" and rows[-1] == "batch"
     assert {"read", "decode_audio", "resample"} <= set(rows)
+    nodes = [line.split()[0] for line in loader.splitlines()[2:] if line[:1].isalpha()]
+    assert nodes[0] == "source" and {"read", "decode_audio", "collate"} <= set(nodes)
+    assert "queue workers: ready" in loader and "\nbottleneck: " in loader
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert {"read", "decode_audio", "first batch"} <= {e["name"] for e in events}

@@ -41,7 +41,7 @@ def test_off_builds_the_plain_graph():
     loader = flow().loader(num_workers=2)
     gather = loader.root.source  # the Prefetcher's source
     assert isinstance(gather, Gather) and isinstance(gather.source, Workers)
-    assert isinstance(gather.source.mapper.map_fn, Apply)
+    assert isinstance(gather.source.fn, Apply)
     assert loader._stats is None
     with pytest.raises(FlowsError, match="stats=True"):
         loader.stats()

@@ -1,0 +1,67 @@
+"""The worker pool: it lives across epochs and restores, stops on close(), and a worker process
+that dies is reported with the sample it was mapping."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from flows import Flow, FlowsError
+from flows.testing import run_epochs
+
+
+def records(n: int) -> list[dict]:
+    return [{"key": f"r{i}", "i": i} for i in range(n)]
+
+
+def where(item: dict) -> dict:
+    """Tag the item with the process and thread that mapped it."""
+    return {**item, "pid": os.getpid(), "thread": threading.current_thread().name}
+
+
+def die_on_r5(item: dict) -> dict:
+    if item["key"] == "r5":
+        os._exit(3)  # a worker process killed mid-sample (as by the OOM killer)
+    return item
+
+
+def flows_threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.startswith("flows-worker")}
+
+
+@pytest.mark.parametrize("method", ["thread", "process"])
+def test_one_pool_serves_every_epoch_and_restore_until_close(method):
+    flow = Flow.items(records(24)).shuffle(seed=1).map(where).batch(4)
+    loader = flow.loader(num_workers=2, method=method)
+    batches, state, after = [], None, None
+    for b in loader:  # epoch 1, noting the position after its 2nd batch
+        batches.append(b)
+        if len(batches) == 2:
+            state = loader.state_dict()
+        after = b if len(batches) == 3 else after
+    batches += run_epochs(loader, 1)
+    loader.load_state_dict(state)
+    restored = next(iter(loader))
+    assert restored["key"] == after["key"]
+    batches.append(restored)
+    if method == "thread":
+        names = {t for b in batches for t in b["thread"]}
+        assert len(names) <= 2 and names <= flows_threads()
+        assert {int(p) for b in batches for p in b["pid"]} == {os.getpid()}
+    else:
+        pids = {int(p) for b in batches for p in b["pid"]}
+        assert len(pids) <= 2 and os.getpid() not in pids
+    loader.close()
+    assert not flows_threads()
+    again = run_epochs(loader, 1)  # iterated again after close(): a new pool
+    assert sorted(k for b in again for k in b["key"]) == sorted(r["key"] for r in records(24))
+    loader.close()
+
+
+def test_a_worker_process_that_dies_is_reported_with_its_sample():
+    loader = Flow.items(records(12)).map(die_on_r5).batch(3).loader(num_workers=2, method="process")
+    with pytest.raises(FlowsError, match=r"worker process died while mapping sample 'r5'"):
+        run_epochs(loader, 1)
+    loader.close()
