@@ -27,8 +27,8 @@ def die_on_r5(item: dict) -> dict:
     return item
 
 
-def flows_threads() -> set[str]:
-    return {t.name for t in threading.enumerate() if t.name.startswith("flows-worker")}
+def alive() -> set[str]:
+    return {t.name for t in threading.enumerate()}
 
 
 @pytest.mark.parametrize("method", ["thread", "process"])
@@ -48,13 +48,19 @@ def test_one_pool_serves_every_epoch_and_restore_until_close(method):
     batches.append(restored)
     if method == "thread":
         names = {t for b in batches for t in b["thread"]}
-        assert len(names) <= 2 and names <= flows_threads()
+        assert len(names) <= 2 and names <= alive()
+        assert all(name.startswith("flows-worker-") for name in names)
         assert {int(p) for b in batches for p in b["pid"]} == {os.getpid()}
     else:
         pids = {int(p) for b in batches for p in b["pid"]}
         assert len(pids) <= 2 and os.getpid() not in pids
     loader.close()
-    assert not flows_threads()
+    if method == "thread":
+        assert not names & alive()
+    else:
+        for pid in pids:  # stopped and reaped
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
     again = run_epochs(loader, 1)  # iterated again after close(): a new pool
     assert sorted(k for b in again for k in b["key"]) == sorted(r["key"] for r in records(24))
     loader.close()
