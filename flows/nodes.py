@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import multiprocessing
+import os
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -101,14 +103,21 @@ class Workers(BaseNode):
         self._pending: deque[tuple[Any, dict, str]] = deque()  # (task, source state, key)
         self._exhausted = False
         self._state: dict = {}
+        # a reset or close waits for a next() still running in the prefetcher's thread
+        self._lock = threading.Lock()
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
-        self._drop_pending()
-        self.source.reset(initial_state["source"] if initial_state else None)
-        self._state, self._exhausted = self.source.state_dict(), False
+        with self._lock:
+            self._drop_pending()
+            self.source.reset(initial_state["source"] if initial_state else None)
+            self._state, self._exhausted = self.source.state_dict(), False
 
     def next(self) -> Any:
+        with self._lock:
+            return self._next()
+
+    def _next(self) -> Any:
         if not self.num_workers:
             out = self.fn(next(self.source))
             self._state = self.source.state_dict()
@@ -124,7 +133,7 @@ class Workers(BaseNode):
         try:
             out = self._pool.result(task)
         except _WorkerDied as error:
-            self._shutdown()
+            self._stop_pool()
             raise FlowsError(f"a worker process died while mapping sample {key!r} ({error})") from None
         self._state = state
         return out
@@ -162,11 +171,16 @@ class Workers(BaseNode):
                 try:
                     self._pool.drop(task)
                 except _WorkerDied:
-                    self._shutdown()
+                    self._pool.shutdown()
+                    self._pool = None
                     return
 
     def _shutdown(self) -> None:
         """Stop the pool (``Loader.close()`` calls this); a later epoch starts a new one."""
+        with self._lock:
+            self._stop_pool()
+
+    def _stop_pool(self) -> None:
         self._drop_pending()
         if self._pool is not None:
             self._pool.shutdown()
@@ -275,10 +289,16 @@ class _Failed:
 
 
 def _serve(pipe: Connection, fn: Callable) -> None:
-    """A worker process: map each item received on ``pipe`` until None (or the pipe closes)."""
+    """A worker process: map each item received on ``pipe`` until None, until the pipe closes,
+    or until the consumer's process is gone (a forked worker holds copies of the consumer's pipe
+    ends, so it may see no end of file when the consumer dies)."""
     torch.set_num_threads(1)  # the workers are the parallelism
+    consumer = os.getppid()
     while True:
         try:
+            while not pipe.poll(1.0):
+                if os.getppid() != consumer:
+                    return
             item = pipe.recv()
         except (EOFError, OSError):
             return

@@ -4,7 +4,12 @@ that dies is reported with the sample it was mapping."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +76,35 @@ def test_a_worker_process_that_dies_is_reported_with_its_sample():
     with pytest.raises(FlowsError, match=r"worker process died while mapping sample 'r5'"):
         run_epochs(loader, 1)
     loader.close()
+
+
+def test_worker_processes_exit_when_their_consumer_is_killed():
+    """A consumer that dies without closing (os._exit, SIGKILL) leaves no worker behind, and no
+    copy of its stdout: a parent reading that stdout to the end is not kept waiting."""
+    script = textwrap.dedent("""
+        import os, sys
+        from flows import Flow
+        from tests.test_workers import records, where
+        loader = Flow.items(records(40)).map(where).batch(4).loader(num_workers=2, method="process")
+        batch = next(iter(loader))
+        print(" ".join(str(int(p)) for p in set(batch["pid"].tolist())), flush=True)
+        os._exit(0)
+    """)
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    pids = [int(p) for p in run.stdout.split()]
+    assert pids
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_running(p) for p in pids)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
