@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from flows import Flow, FlowsError
-from flows.testing import run_epochs
+from flows.testing import assert_same, run_epochs
 
 
 def records(n: int) -> list[dict]:
@@ -108,3 +109,26 @@ def _running(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def tensors(item: dict) -> dict:
+    """Tensors of several kinds, sizes and layouts, from the item's index."""
+    g = torch.Generator().manual_seed(item["i"])
+    big = 3_000_000 if item["i"] % 5 == 0 else 10  # 12 MB: more than a worker's shared slot
+    return {**item, "audio": torch.randn(2, 4000, generator=g).T,  # not contiguous
+            "big": torch.rand(big, generator=g), "ids": torch.arange(item["i"], dtype=torch.int16),
+            "half": torch.rand(3, generator=g).to(torch.bfloat16), "empty": torch.zeros(0, 5),
+            "nested": [{"x": torch.full((2,), float(item["i"]))}]}
+
+
+def test_process_workers_return_tensors_exactly():
+    """Process workers hand tensors back through shared memory, or the pipe when too large or
+    of a dtype numpy lacks: bit for bit what threads give, with dtypes and shapes."""
+    flow = Flow.items(records(16)).shuffle(seed=3).map(tensors)
+    threads, processes = (run_epochs(flow.loader(num_workers=2, method=m), 2)
+                          for m in ("thread", "process"))
+    assert len(threads) == len(processes) == 32
+    for a, b in zip(threads, processes, strict=True):
+        assert_same(a, b)
+        assert b["audio"].dtype == torch.float32 and b["audio"].shape == (4000, 2)
+        assert b["ids"].dtype == torch.int16 and b["half"].dtype == torch.bfloat16
