@@ -34,6 +34,7 @@ from flows.sampling import Envelope, rng
 from flows.stages import Filter, stage_name
 
 OnError = Literal["raise", "skip"]
+_IN_FLIGHT = 8  # items read ahead per worker: evens out samples of unequal cost
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Apply:
 
 class Workers(BaseNode):
     """Maps ``fn`` over ``source`` in ``num_workers`` threads or processes, in order (inline for
-    0), with up to ``4 * num_workers`` items in flight.
+    0), with up to ``8 * num_workers`` items in flight.
 
     The pool starts with the first epoch and lives until :meth:`close` (``Loader.close()``):
     epochs and restores reuse it, so starting an epoch costs no thread or process start-up.
@@ -99,7 +100,7 @@ class Workers(BaseNode):
             raise FlowsError(f"method must be 'thread' or 'process', not {method!r}")
         self.source, self.fn, self.num_workers = source, fn, num_workers
         self.method, self.mp_context = method, mp_context
-        self.window = 4 * num_workers
+        self.window = _IN_FLIGHT * num_workers
         self._pool: _ThreadPool | _ProcessPool | None = None
         self._pending: deque[tuple[Any, dict, str]] = deque()  # (task, source state, key)
         self._exhausted = False
@@ -326,13 +327,13 @@ def _serve(pipe: Connection, fn: Callable, arena: _Arena | None = None) -> None:
             pipe.send(_Failed(FlowsError(f"a worker could not send its output back: {error}")))
 
 
-SLOT_BYTES = 8 << 20  # shared memory per result; arrays beyond it go through the pipe
-_SLOTS = 5  # per worker: its 4 items in flight and the one being read
+SLOT_BYTES = 4 << 20  # shared memory per result; arrays beyond it go through the pipe
+_SLOTS = _IN_FLIGHT + 1  # per worker: its items in flight and the one being read
 
 
 class _Arena:
-    """Anonymous shared memory a forked worker writes its results' arrays to: slot ``j % 5``
-    for the ``j``-th item it receives. A worker has at most 4 items in flight plus the one the
+    """Anonymous shared memory a forked worker writes its results' arrays to: slot ``j % 9``
+    for the ``j``-th item it receives. A worker has at most 8 items in flight plus the one the
     consumer is reading, so every slot is read before it is written again."""
 
     def __init__(self) -> None:
