@@ -24,6 +24,7 @@ from flows.recipe import Recipe, RecipeConfig
 from flows.sampling import rng, splits
 from flows.sources import Source
 from flows.stages import Stage
+from flows.tasks import Classification, Task
 
 # ---- config ------------------------------------------------------------------------------------
 
@@ -292,3 +293,34 @@ class BaseRecipe(Recipe):
     def export_label_maps(self, path: str | Path) -> Path:
         """Write :meth:`label_maps` as JSON."""
         return save_label_maps(self.label_maps(), path)
+
+
+class ClassesRecipe(BaseRecipe):
+    """A single-label classification recipe over ``classes``: records carry ``label`` (a class
+    index) and the model reads ``input_key``; the subclass builds each side with ``part(train)``."""
+
+    input_key = "audio"
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names by index."""
+        raise NotImplementedError
+
+    def part(self, train: bool) -> Flow:
+        """The train (``train=True``) or eval flow."""
+        raise NotImplementedError
+
+    def train_flow(self) -> Flow:
+        return self.part(train=True)
+
+    def eval_flow(self) -> Flow:
+        return self.part(train=False)
+
+    def outputs(self) -> Outputs:
+        return len(self.classes)
+
+    def task(self) -> Task:
+        return Classification("label", input_key=self.input_key)
+
+    def label_maps(self) -> dict[str, list[str]]:
+        return {"label": self.classes}

@@ -27,14 +27,12 @@ from typing import Any
 
 from flows.errors import FlowsError
 from flows.flow import Flow
-from flows.models import Outputs
 from flows.recipe import register
 from flows.sources import Files, Items
-from flows.tasks import Classification, Task
 from recipes import synthetic
 from recipes.common import (
     AudioConfig,
-    BaseRecipe,
+    ClassesRecipe,
     as_names,
     audio_chain,
     batches,
@@ -74,7 +72,7 @@ def label_of(path: str, rule: str | Callable[[str], Any]) -> str:
 
 
 @register
-class Folder(BaseRecipe):
+class Folder(ClassesRecipe):
     name = "folder"
     Config = FolderConfig
     config: FolderConfig
@@ -99,27 +97,13 @@ class Folder(BaseRecipe):
         index = {name: i for i, name in enumerate(self.classes)}
         return [{**row, "label": index[row["label_name"]]} for row in self.listing]
 
-    def _part(self, train: bool) -> Flow:
+    def part(self, train: bool) -> Flow:
         c = self.config
         flow = Flow.from_source(Items(self.records()), storage_options=c.storage_options)
         flow = audio_chain(split(flow, train, c.eval_fraction, c.seed, c.folds, c.fold), c, train)
         return batches(flow, c, train, stratify="label" if c.stratify else None,
                        variable=not fixed_length(c))
 
-    def train_flow(self) -> Flow:
-        return self._part(train=True)
-
-    def eval_flow(self) -> Flow:
-        return self._part(train=False)
-
-    def outputs(self) -> Outputs:
-        return len(self.classes)
-
-    def task(self) -> Task:
-        return Classification("label")
-
-    def label_maps(self) -> dict[str, list[str]]:
-        return {"label": self.classes}
 
     @classmethod
     def generate(cls, root: str | Path, seed: int = 0, clips_per_class: int = 4,

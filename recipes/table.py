@@ -24,14 +24,12 @@ from pathlib import Path
 import pandas as pd
 
 from flows.flow import Flow
-from flows.models import Outputs
 from flows.recipe import register
 from flows.sources import Table
-from flows.tasks import Classification, Task
 from recipes import synthetic
 from recipes.common import (
     AudioConfig,
-    BaseRecipe,
+    ClassesRecipe,
     ClassIndex,
     as_names,
     audio_chain,
@@ -65,7 +63,7 @@ class TableConfig(AudioConfig):
 
 
 @register
-class TableRecipe(BaseRecipe):
+class TableRecipe(ClassesRecipe):
     name = "table"
     Config = TableConfig
     config: TableConfig
@@ -107,27 +105,13 @@ class TableRecipe(BaseRecipe):
             flow = split(flow, train, c.eval_fraction, c.seed, c.folds, c.fold)
         return flow
 
-    def _part(self, train: bool) -> Flow:
+    def part(self, train: bool) -> Flow:
         c = self.config
         flow = self._rows(train).map(ClassIndex(c.label_column, self.classes, "label"))
         flow = audio_chain(flow, c, train)
         return batches(flow, c, train, stratify=c.label_column if c.stratify else None,
                        variable=not fixed_length(c))
 
-    def train_flow(self) -> Flow:
-        return self._part(train=True)
-
-    def eval_flow(self) -> Flow:
-        return self._part(train=False)
-
-    def outputs(self) -> Outputs:
-        return len(self.classes)
-
-    def task(self) -> Task:
-        return Classification("label")
-
-    def label_maps(self) -> dict[str, list[str]]:
-        return {"label": self.classes}
 
     @classmethod
     def generate(cls, root: str | Path, seed: int = 0, clips_per_fold: int = 4) -> Path:

@@ -26,14 +26,12 @@ import pandas as pd
 from flows import io
 from flows.errors import FlowsError
 from flows.flow import Flow
-from flows.models import Outputs
 from flows.recipe import RecipeConfig, register
 from flows.sources import Items
-from flows.tasks import Classification, Task
 from recipes import synthetic
 from recipes.common import (
     MODEL_HELP,
-    BaseRecipe,
+    ClassesRecipe,
     batches,
     class_names,
     exists,
@@ -67,8 +65,9 @@ def stem(name: str) -> str:
 
 
 @register
-class TensorFolder(BaseRecipe):
+class TensorFolder(ClassesRecipe):
     name = "tensor_folder"
+    input_key = "tensor"
     Config = TensorFolderConfig
     config: TensorFolderConfig
     data_hint = ("Point --data-dir at a folder of .pt/.npy files with labels.json or labels.csv, "
@@ -114,29 +113,15 @@ class TensorFolder(BaseRecipe):
             rows.append({"path": path, "key": key, "label": index[str(self.mapping[key])]})
         return rows
 
-    def _part(self, train: bool) -> Flow:
+    def part(self, train: bool) -> Flow:
         c = self.config
         flow = Flow.from_source(Items(self.records()), storage_options=c.storage_options)
         flow = split(flow, train, c.eval_fraction, c.seed).read().decode_tensor()
         return batches(flow, c, train, stratify="label" if c.stratify else None)
 
-    def train_flow(self) -> Flow:
-        return self._part(train=True)
-
-    def eval_flow(self) -> Flow:
-        return self._part(train=False)
-
-    def outputs(self) -> Outputs:
-        return len(self.classes)
 
     def model_options(self) -> dict[str, Any]:
         return {"dims": self.config.dims} if self.config.model == "smallcnn" else {}
-
-    def task(self) -> Task:
-        return Classification("label", input_key="tensor")
-
-    def label_maps(self) -> dict[str, list[str]]:
-        return {"label": self.classes}
 
     @classmethod
     def generate(cls, root: str | Path, seed: int = 0, n_samples: int = 40, **options: Any) -> Path:
