@@ -2,7 +2,7 @@
 
     flows train yesno --data-dir data/yesno --epochs 5        # then again with --resume
     flows inspect yesno --data-dir data/yesno                 # counts, histograms, plots
-    flows bench yesno --data-dir data/yesno                   # throughput, stage by stage
+    flows bench yesno --data-dir data/yesno                   # throughput stage by stage, per-node stats
     flows demo                                                # kill a run, resume it, compare
 
 ``train``, ``inspect`` and ``bench`` take a recipe: a registered name or ``package.module:Class``.
@@ -92,7 +92,7 @@ def _parser(recipe: type[Recipe] | None) -> argparse.ArgumentParser:
                                      parser_class=_Parser)
     helps = {"train": "train a recipe (stop it any time; --resume continues exactly)",
              "inspect": "describe a recipe's data: counts, classes, durations, plots",
-             "bench": "throughput of a recipe's train pipeline, stage by stage"}
+             "bench": "throughput of a recipe's train pipeline, stage by stage, then per-node stats"}
     runs = {"train": _train, "inspect": _inspect, "bench": _bench}
     for name in _RECIPE_COMMANDS:
         sub = commands.add_parser(name, help=helps[name], description=helps[name])
