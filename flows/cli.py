@@ -208,6 +208,8 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     hint = f"; {cls.data_hint}" if cls.data_hint else ""
     if config.data_dir is None:
         raise FlowsError(f"recipe {cls.name!r} needs --data-dir{hint}")
+    if getattr(config, "download", False):
+        return cls(config)  # the recipe fetches its data into data_dir, creating it
     fs, path = url_to_fs(config.data_dir, **(config.storage_options or {}))
     try:
         exists = fs.exists(path)

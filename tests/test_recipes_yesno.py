@@ -127,6 +127,12 @@ def test_download_verifies_and_extracts(tmp_path: Path, http_root: tuple[str, Pa
                   for b in everything(flow) for k in b["key"])
     assert keys == sorted(p.name for p in (tmp_path / "src" / "waves_yesno").glob("*.wav"))
 
+    # the command line: --download into a data directory that does not exist yet
+    code = main(["inspect", "yesno", "--data-dir", str(tmp_path / "new" / "yesno"), "--download",
+                 "--url", url, "--sha256", digest, "--out", str(tmp_path / "inspect")])
+    assert code == 0
+    assert len(list((tmp_path / "new" / "yesno" / "waves_yesno").glob("*.wav"))) == 6
+
 
 def test_flows_train_yesno(tmp_path: Path) -> None:
     YesNo.generate(tmp_path / "data", n_files=8)
