@@ -113,8 +113,8 @@ class TimedApply:
 # ---- probes in the main process -------------------------------------------------------------
 
 
-class _TimedSource(BaseNode):
-    """Transparent wrapper of the Sampler (its state is the Sampler's): times record reads."""
+class _Probe(BaseNode):
+    """Transparent wrapper: the wrapped node's state is its state; subclasses time ``next``."""
 
     def __init__(self, source: BaseNode, stats: Stats):
         super().__init__()
@@ -124,27 +124,25 @@ class _TimedSource(BaseNode):
         super().reset(initial_state)
         self.source.reset(initial_state)
 
+    def get_state(self) -> dict:
+        return self.source.state_dict()
+
+
+class _TimedSource(_Probe):
+    """Wraps the Sampler: times record reads."""
+
     def next(self) -> Any:
         start = _now()
         item = next(self.source)
         self.stats._node("source", start, _now() - start)
         return item
 
-    def get_state(self) -> dict:
-        return self.source.state_dict()
 
+class _Collect(_Probe):
+    """Wraps :class:`~flows.nodes.Workers`: gathers the samples' stage timings, the time spent
+    waiting for them and the workers' queue depths."""
 
-class _Collect(BaseNode):
-    """Transparent wrapper of :class:`~flows.nodes.Workers` (its state is theirs): gathers the
-    samples' stage timings, the time spent waiting for them and the workers' queue depths."""
-
-    def __init__(self, workers: Workers, stats: Stats):
-        super().__init__()
-        self.source, self.stats = workers, stats
-
-    def reset(self, initial_state: dict | None = None) -> None:
-        super().reset(initial_state)
-        self.source.reset(initial_state)
+    source: Workers
 
     def next(self) -> Any:
         self.stats._sample_workers(self.source)
@@ -152,9 +150,6 @@ class _Collect(BaseNode):
         envelope = next(self.source)
         self.stats._envelope(envelope, start, _now() - start)
         return envelope
-
-    def get_state(self) -> dict:
-        return self.source.state_dict()
 
 
 class _TimedCollate:
