@@ -233,9 +233,12 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         teardown()  # the process group train() joined, if it did
     scores = format_metrics(result.metrics or result.train_metrics)
+    skipped = result.skipped
+    skips = (f"; skipped {skipped['train']} training samples in all, {skipped['eval']} in the "
+             f"last evaluation" if options.get("on_error") == "skip" else "")
     if _rank() == 0:
         print(f"{recipe.name}: step {result.step}, epoch {result.epoch}: {scores} "
-              f"({result.seconds:.1f} s); checkpoint {result.checkpoint}")
+              f"({result.seconds:.1f} s){skips}; checkpoint {result.checkpoint}")
     return 128 + signal.Signals[result.interrupted] if result.interrupted else 0
 
 

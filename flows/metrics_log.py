@@ -7,6 +7,10 @@ epoch's averages, "eval": an evaluation), ``step``, ``epoch`` and metric values:
 
 JSONL holds one record per line. CSV is long ("tidy") so records of every kind share one header:
 ``kind,step,epoch,metric,value``, one row per metric. matplotlib is only needed to plot.
+
+Every line ends with a newline, so a last line without one (or, in JSONL, one that does not
+parse) was torn by an interrupted write: reading drops it with a warning. Any other bad line is
+an error naming the file and the line.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from flows.errors import FlowsError
 
 LogFormat = Literal["jsonl", "csv"]
 Record = dict[str, Any]
+T = TypeVar("T")
 _KEYS = ("kind", "step", "epoch")
 _CSV_HEADER = [*_KEYS, "metric", "value"]
 
@@ -48,14 +54,18 @@ class MetricsLog:
         self.path = Path(path)
         self.format = log_format(path, format)
         kept = [r for r in read_log(self.path, self.format) if r["step"] <= keep_through] \
-            if self.path.exists() else []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        with os.fdopen(fd, "w", newline="") as f:
-            if self.format == "csv":
-                csv.writer(f).writerow(_CSV_HEADER)
-            _write(f, self.format, kept)
-        os.replace(tmp, self.path)
+            if self.path.is_file() else []
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            with os.fdopen(fd, "w", newline="") as f:
+                if self.format == "csv":
+                    csv.writer(f).writerow(_CSV_HEADER)
+                _write(f, self.format, kept)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            raise FlowsError(f"metrics log {self.path} cannot be written: "
+                             f"{e.strerror or e}") from e
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record (``kind``, ``step``, ``epoch`` and metric values)."""
@@ -74,18 +84,56 @@ def _write(f: Any, format: LogFormat, records: Iterable[Mapping[str, Any]]) -> N
 
 
 def read_log(path: str | Path, format: LogFormat | None = None) -> list[Record]:
-    """The records of a JSONL or CSV log, in order."""
+    """The records of a JSONL or CSV log, in order; a torn last line is dropped with a warning."""
     format = log_format(path, format)
     with open(path, newline="") as f:
-        if format == "jsonl":
-            return [json.loads(line) for line in f if line.strip()]
-        records: list[Record] = []
-        for row in csv.DictReader(f):
-            key = {"kind": row["kind"], "step": int(row["step"]), "epoch": int(row["epoch"])}
-            if not records or any(records[-1][k] != v for k, v in key.items()):
-                records.append(key)
-            records[-1][row["metric"]] = float(row["value"])
-        return records
+        lines = f.read().splitlines(keepends=True)
+    last = lines[-1] if lines else "\n"
+    if not last.endswith(("\n", "\r")) or format == "jsonl" and last.strip() and not _parses(last):
+        warnings.warn(f"metrics log {path}: dropping its last line ({len(lines)}), torn by an "
+                      f"interrupted write: {last.strip()[:60]!r}", stacklevel=2)
+        lines.pop()
+    if format == "jsonl":
+        return [_parse(path, number, _json_record, line)
+                for number, line in enumerate(lines, 1) if line.strip()]
+    records: list[Record] = []
+    rows = csv.DictReader(lines)
+    for row in rows:
+        key, metric, value = _parse(path, rows.line_num, _csv_row, row)
+        if not records or any(records[-1][k] != v for k, v in key.items()):
+            records.append(key)
+        records[-1][metric] = value
+    return records
+
+
+def _parse(path: str | Path, number: int, parse: Callable[[Any], T], raw: Any) -> T:
+    """``parse(raw)``, or one error naming the file and the line ``raw`` is."""
+    try:
+        return parse(raw)
+    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        raise FlowsError(f"metrics log {path}, line {number}: not a record: {e}") from e
+
+
+def _json_record(line: str) -> Record:
+    """A JSONL line's record: a dict with at least ``kind``, ``step`` and ``epoch``."""
+    value = json.loads(line)
+    if not isinstance(value, dict) or not set(_KEYS) <= value.keys():
+        raise ValueError(f"not a dict with {', '.join(_KEYS)}: {line.strip()[:60]!r}")
+    return value
+
+
+def _csv_row(row: dict[str, str]) -> tuple[Record, str, float]:
+    """A CSV row's record key (kind, step, epoch), metric name and value."""
+    key = {"kind": row["kind"], "step": int(row["step"]), "epoch": int(row["epoch"])}
+    return key, row["metric"], float(row["value"])
+
+
+def _parses(line: str) -> bool:
+    try:
+        _json_record(line)
+    except ValueError:
+        return False
+    return True
 
 
 _LABELS = {"step": "train (per step)", "epoch": "train", "eval": "eval"}
@@ -112,7 +160,7 @@ def plot_log(records: str | Path | list[Record], png: str | Path) -> Path:
         raise FlowsError("plotting needs matplotlib: pip install 'flows[plot]'") from e
     if not isinstance(records, list):
         records = read_log(records)
-    skip = {*_KEYS, "lr", "samples_per_s"}
+    skip = {*_KEYS, "lr", "samples_per_s", "skipped"}
     groups: dict[str, dict[tuple[str, str], list[tuple[int, float]]]] = {}
     for r in records:
         for name, value in r.items():

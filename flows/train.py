@@ -9,7 +9,8 @@ size, learning rate, seed and workers in its config); :class:`TrainConfig` says 
 Checkpoints hold the model, optimizer, scheduler, grad scaler, the train loader's position
 (under ``loaders["train"]``), every RNG, the step, epoch and metrics. They are written every
 ``checkpoint_every`` steps, at each epoch end, and when SIGTERM or SIGINT arrives (then training
-stops cleanly). Resuming from one continues exactly: with deterministic algorithms on, a run
+stops cleanly; an evaluation the signal cut short is recorded as pending and runs first thing on
+resume). Resuming from one continues exactly: with deterministic algorithms on, a run
 killed at any step and resumed (with any number of workers) ends with the same parameters,
 bit for bit, as a run never interrupted. That holds because
 
@@ -19,6 +20,12 @@ bit for bit, as a run never interrupted. That holds because
   epoch-end checkpoints hold the start of the next epoch, so the epoch count and the loader
   always agree;
 - evaluation builds a fresh eval loader each time and restores the RNGs afterwards.
+
+Failures stop training with one line (:class:`~flows.errors.FlowsError`) before they cost
+anything: a checkpoint directory that cannot be written (checked with a probe file before the
+model is built), a non-finite loss (naming the batch's samples, before the optimizer step), and
+non-finite weights (never checkpointed). Samples that fail to read or decode stop training
+too, unless ``on_error="skip"``: then they are counted and reported at each epoch end.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`train` joins the process group itself
 (:func:`flows.distributed.setup`: gloo on CPU, nccl on CUDA), wraps the model in
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -58,7 +66,7 @@ from flows.distributed import (
 from flows.errors import FlowsError
 from flows.flow import Flow
 from flows.metrics_log import LogFormat, MetricsLog, format_metrics, plot_log
-from flows.nodes import to_device
+from flows.nodes import OnError, to_device
 from flows.recipe import Recipe, RecipeConfig
 from flows.tasks import Sums, finalize
 
@@ -94,6 +102,9 @@ class TrainConfig:
     amp: bool = _option(False, "mixed precision: float16 on GPUs, bfloat16 on CPU")
     device: str | None = _option(None, "cuda, mps or cpu (default: the first available)")
     deterministic: bool = _option(True, "deterministic algorithms (exact resume)")
+    on_error: OnError = _option(
+        "raise", "a sample that fails to read or decode: raise (stop with one line naming it) "
+                 "or skip (leave it out, count it, report the count at each epoch end)")
     log_path: str | None = _option(None, "metrics log, JSONL or .csv (a local path)")
     log_format: LogFormat | None = _option(None, "jsonl or csv (default: from the extension)")
     log_every: int = _option(1, "log training metrics every N steps")
@@ -117,6 +128,9 @@ class TrainResult:
     resumed_from: str | None
     interrupted: str | None  # the signal that stopped training early, if one did
     seconds: float
+    #: samples skipped on error (``on_error="skip"``): "train" in all epochs so far, "eval" in
+    #: the last evaluation
+    skipped: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
 
 
 def train(recipe: Recipe, config: TrainConfig | None = None) -> TrainResult:
@@ -169,6 +183,8 @@ def _check(rc: RecipeConfig, config: TrainConfig) -> None:
         raise FlowsError("plot needs a metrics log (log_path)")
     if config.stop_signal not in ("SIGKILL", "SIGTERM", "SIGINT"):
         raise FlowsError(f"stop_signal must be SIGKILL, SIGTERM or SIGINT, not {config.stop_signal!r}")
+    if config.on_error not in ("raise", "skip"):
+        raise FlowsError(f"on_error must be 'raise' or 'skip', not {config.on_error!r}")
 
 
 @contextlib.contextmanager
@@ -238,6 +254,11 @@ class _Run:
         rc = recipe.config
         distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.checkpoints = (CheckpointManager(config.checkpoint_dir, config.keep,
+                                              config.checkpoint_storage_options)
+                            if config.checkpoint_dir else None)
+        if self.checkpoints is not None and self.rank == 0:
+            self.checkpoints.check()  # before anything is built: no epoch lost to a typo
         self.device = pick_device(config.device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
@@ -252,18 +273,25 @@ class _Run:
         self.scheduler = recipe.scheduler(self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=config.amp and self.device.type == "cuda")
-        self.train_loader = self._placed(recipe.train_flow()).loader(num_workers=rc.num_workers)
+        self.train_loader = self._placed(recipe.train_flow()).loader(num_workers=rc.num_workers,
+                                                                     on_error=config.on_error)
         eval_flow = recipe.eval_flow()
         self.eval_flow = self._placed(eval_flow) if eval_flow is not None else None
-        self.checkpoints = (CheckpointManager(config.checkpoint_dir, config.keep,
-                                              config.checkpoint_storage_options)
-                            if config.checkpoint_dir else None)
         self.step = 0  # optimizer steps done
         self.epoch = 0  # epochs completed
         self.batch = 0  # batches into the current epoch (for the progress bar)
         self.running: dict[str, tuple[float, float]] = {}  # this epoch's training sums
         self.metrics: dict[str, float] = {}
         self.train_metrics: dict[str, float] = {}
+        # the epoch (as logged) of an evaluation a stop signal cut short: it runs on resume
+        self.pending_eval: int | None = None
+        self.resumed_position: dict[str, Any] | None = None  # the loader state resumed from
+        # samples skipped on error: all ranks' in all epochs done, the last evaluation's; all
+        # ranks' in this epoch before a resume (held by rank 0); this rank's loader count when
+        # this epoch (or its part since resuming) started (the loader counts across epochs)
+        self.skipped = {"train": 0, "eval": 0}
+        self.skipped_carried = 0
+        self.skipped_start = 0
         self.checkpoint: str | None = None
         self.resumed_from: str | None = None
         self.interrupted: str | None = None
@@ -295,14 +323,17 @@ class _Run:
     def _fit(self) -> TrainResult:
         start = time.perf_counter()
         epochs = self.recipe.config.epochs
-        batches = iter(self.train_loader)
-        while self.epoch < epochs and not self._reached_max_steps():
+        if self.pending_eval is not None:
+            self._run_pending_eval()
+        batches = iter(self.train_loader) if not self.interrupted else iter(())
+        while not self.interrupted and self.epoch < epochs and not self._reached_max_steps():
             if self._train_epoch(batches):
+                skipped = self._loader_skipped()  # exact once the epoch's batches are done
                 # start the next epoch before the epoch-end checkpoint, so that it holds the
                 # loader at the start of an epoch: torchdata's Loader, restored at the end of
                 # one, goes on but keeps reporting that end as its state
                 batches = iter(self.train_loader)
-                self._end_epoch()
+                self._end_epoch(skipped)
             if self.interrupted or self._reached_max_steps():
                 break
         if self.interrupted and self.rank == 0:
@@ -312,7 +343,31 @@ class _Run:
             log.info("plotted %s", plot_log(self.log.path, self.config.plot))
         return TrainResult(self.model, self.step, self.epoch, self.metrics, self.train_metrics,
                            self.checkpoint, self.resumed_from, self.interrupted,
-                           time.perf_counter() - start)
+                           time.perf_counter() - start, dict(self.skipped))
+
+    def _run_pending_eval(self) -> None:
+        """The evaluation a stop signal cut short, with the weights of the step it was due at;
+        then the checkpoint is written again, saying it is done (so it runs only once)."""
+        epoch = self.pending_eval
+        assert epoch is not None and self.resumed_position is not None
+        self._evaluate(epoch)
+        if self.pending_eval is not None:  # stopped again: the checkpoint still says pending
+            return
+        if self.rank == 0:
+            log.info("epoch %d/%d (step %d): eval %s (pending since the stop)", epoch,
+                     self.recipe.config.epochs, self.step, format_metrics(self.metrics))
+        self._save(self.resumed_position, self.skipped_start)
+
+    def _loader_skipped(self) -> int:
+        """This rank's train loader's count of samples skipped on error (across epochs)."""
+        return self.train_loader.skipped if self.config.on_error == "skip" else 0
+
+    def _sum_ranks(self, n: int) -> int:
+        if self.world == 1:
+            return n
+        total = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(total)
+        return int(total.item())
 
     def _reached_max_steps(self) -> bool:
         return self.config.max_steps is not None and self.step >= self.config.max_steps
@@ -321,49 +376,48 @@ class _Run:
         """Train on the (rest of the) epoch's batches. False if it stopped early, checkpointed: a
         signal or max_steps. A one-batch lookahead tells the epoch's last batch."""
         config, accumulate = self.config, self.config.accumulate
-        bar = tqdm(total=len(self.train_loader), initial=self.batch, unit="batch", leave=False,
-                   desc=f"epoch {self.epoch + 1}/{self.recipe.config.epochs}", dynamic_ncols=True,
-                   disable=not config.progress or self.rank != 0)
-        group: dict[str, tuple[float, float]] = {}  # the current optimizer step's sums
-        micro, tick = 0, time.perf_counter()
-        batch = next(it, _END)
-        while batch is not _END:
-            position = self.train_loader.state_dict()  # just after `batch`
-            upcoming = next(it, _END)
-            last = upcoming is _END
-            micro += 1
-            boundary = micro == accumulate or last
-            _add(group, self._forward_backward(batch, sync=boundary))
-            self.batch += 1
-            bar.update()
-            batch = upcoming
-            if not boundary:
-                continue
-            self._optimizer_step()
-            now = time.perf_counter()
-            rate = group["loss"][1] / max(now - tick, 1e-9)
-            bar.set_postfix(loss=f"{self.running['loss'][0] / self.running['loss'][1]:.4f}",
-                            samples_s=f"{rate:.0f}")
-            self._stop_hook()
-            if config.log_path and self.step % config.log_every == 0:
-                lr = self.optimizer.param_groups[0]["lr"]
-                total = self._gather_sums(group)  # all ranks' samples: rate is the job's
-                rate = total["loss"][1] / max(now - tick, 1e-9)
-                self._log("step", {**finalize(total), "lr": lr, "samples_per_s": rate},
-                          self.epoch + 1)
-            micro, tick, group = 0, now, {}
-            if last:  # the epoch end evaluates and checkpoints
-                break
-            if self._stop_requested() or self._reached_max_steps():
-                bar.close()
-                self._save(position)
-                return False
-            if config.eval_every and self.step % config.eval_every == 0:
-                self._evaluate(self.epoch + 1)
-            if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                self._save(position)
-        bar.close()
-        return True
+        with tqdm(total=len(self.train_loader), initial=self.batch, unit="batch", leave=False,
+                  desc=f"epoch {self.epoch + 1}/{self.recipe.config.epochs}", dynamic_ncols=True,
+                  disable=not config.progress or self.rank != 0) as bar:
+            group: dict[str, tuple[float, float]] = {}  # the current optimizer step's sums
+            micro, tick = 0, time.perf_counter()
+            batch = next(it, _END)
+            while batch is not _END:
+                position = self.train_loader.state_dict()  # just after `batch`
+                skipped = self._loader_skipped()  # as of `batch`, too
+                upcoming = next(it, _END)
+                last = upcoming is _END
+                micro += 1
+                boundary = micro == accumulate or last
+                _add(group, self._forward_backward(batch, sync=boundary))
+                self.batch += 1
+                bar.update()
+                batch = upcoming
+                if not boundary:
+                    continue
+                self._optimizer_step()
+                now = time.perf_counter()
+                rate = group["loss"][1] / max(now - tick, 1e-9)
+                bar.set_postfix(loss=f"{self.running['loss'][0] / self.running['loss'][1]:.4f}",
+                                samples_s=f"{rate:.0f}")
+                self._stop_hook()
+                if config.log_path and self.step % config.log_every == 0:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    total = self._gather_sums(group)  # all ranks' samples: rate is the job's
+                    rate = total["loss"][1] / max(now - tick, 1e-9)
+                    self._log("step", {**finalize(total), "lr": lr, "samples_per_s": rate},
+                              self.epoch + 1)
+                micro, tick, group = 0, now, {}
+                if last:  # the epoch end evaluates and checkpoints
+                    break
+                if config.eval_every and self.step % config.eval_every == 0:
+                    self._evaluate(self.epoch + 1)  # left pending if a stop signal came
+                if self._stop_requested() or self._reached_max_steps():
+                    self._save(position, skipped)
+                    return False
+                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                    self._save(position, skipped)
+            return True
 
     def _forward_backward(self, batch: Any, sync: bool) -> Sums:
         """Forward and backward one micro-batch; its loss and metric sums."""
@@ -375,8 +429,14 @@ class _Run:
                 output = self.net(self.task.inputs(batch))
                 loss = self.task.loss(output, batch)
             self.scaler.scale(loss / self.config.accumulate).backward()
+        value = loss.item()
+        if not math.isfinite(value):  # before the optimizer step: the weights are still good
+            raise FlowsError(
+                f"non-finite loss ({value}) at step {self.step + 1}, epoch {self.epoch + 1}, "
+                f"batch {self.batch + 1}; the batch's samples: {_sample_names(batch)}. Stopped "
+                f"before the weights changed; newest checkpoint: {self.checkpoint or 'none'}")
         with torch.no_grad():
-            sums = {"loss": (loss.item() * n, n), **self.task.metrics(output, batch)}
+            sums = {"loss": (value * n, n), **self.task.metrics(output, batch)}
         _add(self.running, sums)
         return sums
 
@@ -413,35 +473,53 @@ class _Run:
             self.interrupted = "SIGTERM"  # sent to another rank
         return bool(flag.item())
 
-    def _end_epoch(self) -> None:
+    def _end_epoch(self, skipped: int) -> None:
+        """Close the epoch: its metrics, the scheduler, evaluation, a checkpoint. ``skipped``:
+        this rank's train loader count of samples skipped on error, at the epoch's end."""
         self.epoch += 1
         self.batch = 0
         self.train_metrics = finalize(self._gather_sums(self.running))
         self.running = {}
-        self._log("epoch", self.train_metrics, self.epoch)
+        epoch_skipped = self._sum_ranks(skipped - self.skipped_start) + self.skipped_carried
+        self.skipped["train"] += epoch_skipped
+        self.skipped_start, self.skipped_carried = skipped, 0
+        self._log("epoch", {**self.train_metrics, **self._skip_field(epoch_skipped)}, self.epoch)
         if self.scheduler is not None and self.recipe.schedule_every == "epoch":
             self.scheduler.step()
-        if not self._stop_requested():
-            self._evaluate(self.epoch)
+        self._evaluate(self.epoch)
         if self.rank == 0:
             scores = format_metrics(self.metrics)
-            log.info("epoch %d/%d (step %d): train %s%s", self.epoch, self.recipe.config.epochs,
+            if self.pending_eval == self.epoch:
+                scores = "pending (the stop cut it short; it runs on --resume)"
+            skips = (f" | skipped {epoch_skipped} training, {self.skipped['eval']} evaluation "
+                     "samples" if self.config.on_error == "skip" else "")
+            log.info("epoch %d/%d (step %d): train %s%s%s", self.epoch, self.recipe.config.epochs,
                      self.step, format_metrics(self.train_metrics),
-                     f" | eval {scores}" if scores else "")
-        self._save(self.train_loader.state_dict())
+                     f" | eval {scores}" if scores else "", skips)
+        self._save(self.train_loader.state_dict(), skipped)
+
+    def _skip_field(self, n: int) -> dict[str, int]:
+        """A log record's count of samples skipped on error (when skipping)."""
+        return {"skipped": n} if self.config.on_error == "skip" else {}
 
     def _evaluate(self, epoch: int) -> None:
         """Score the eval flow from its start with the model in eval mode; the RNGs are restored
-        afterwards, so evaluating never changes what training does next."""
+        afterwards, so evaluating never changes what training does next. A stop signal before
+        or during it leaves it pending: the checkpoint says so, and resuming runs it."""
         if self.eval_flow is None:
+            return
+        if self._stop_requested():
+            self.pending_eval, self.metrics = epoch, {}
             return
         rng = capture_rng()
         self.model.eval()
         sums: dict[str, tuple[float, float]] = {}
         try:
-            with torch.no_grad(), self.eval_flow.loader(num_workers=self.recipe.config.num_workers) as loader:
+            with torch.no_grad(), self.eval_flow.loader(num_workers=self.recipe.config.num_workers,
+                                                        on_error=self.config.on_error) as loader:
                 for batch in loader:
                     if self.world == 1 and self.stop.signum is not None:
+                        self.pending_eval, self.metrics = epoch, {}
                         return  # stopping: no time for the rest
                     batch = to_device(batch, self.device)
                     n = float(count_samples(batch))
@@ -449,11 +527,14 @@ class _Run:
                         output = self.model(self.task.inputs(batch))
                         loss = self.task.loss(output, batch)
                     _add(sums, {"loss": (loss.item() * n, n), **self.task.metrics(output, batch)})
+                skipped = loader.skipped if self.config.on_error == "skip" else 0
         finally:
             self.model.train()
             restore_rng(rng)
         self.metrics = finalize(self._gather_sums(sums))
-        self._log("eval", self.metrics, epoch)
+        self.skipped["eval"] = self._sum_ranks(skipped)
+        self.pending_eval = None
+        self._log("eval", {**self.metrics, **self._skip_field(self.skipped["eval"])}, epoch)
 
     def _gather_sums(self, sums: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         """Metric sums added over ranks."""
@@ -471,18 +552,21 @@ class _Run:
             self.log.write({"kind": kind, "step": self.step, "epoch": epoch, **values})
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def _save(self, loader_state: dict[str, Any]) -> None:
-        """Checkpoint at the current step, with the train loader at ``loader_state``."""
+    def _save(self, loader_state: dict[str, Any], skipped: int) -> None:
+        """Checkpoint at the current step, with the train loader at ``loader_state`` (where this
+        rank's loader had skipped ``skipped`` samples on error in all)."""
         if self.checkpoints is None:
             return
         rngs: list[Any] = [capture_rng()]
         running = self.running
+        epoch_skipped = skipped - self.skipped_start
         if self.world > 1:  # every rank's RNGs; the epoch's training sums added over ranks
             parts: list[Any] = [None] * self.world
-            dist.all_gather_object(parts, (capture_rng(), self.running))
+            dist.all_gather_object(parts, (capture_rng(), self.running, epoch_skipped))
             rngs, running = [part[0] for part in parts], {}
             for part in parts:
                 _add(running, part[1])
+            epoch_skipped = sum(part[2] for part in parts)
         if self.rank != 0:
             # wait until rank 0 has written it: once one rank exits, torchrun stops the others
             dist.barrier()
@@ -502,7 +586,13 @@ class _Run:
             "rng": rngs,
             "running": running,
             "metrics": {"eval": self.metrics, "train": self.train_metrics},
+            "pending_eval": self.pending_eval,
+            # samples skipped on error: epochs done, this epoch so far (all ranks); the count
+            # inside loader_state, which every rank's loader holds after resuming
+            "skipped": {"done": self.skipped["train"], "epoch": epoch_skipped + self.skipped_carried,
+                        "position": skipped},
         }
+        _check_finite(self.model, self.step, self.checkpoint)
         self.checkpoint = self.checkpoints.save(state, self.step)
         if self.world > 1:
             dist.barrier()
@@ -538,10 +628,15 @@ class _Run:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["loaders"]["train"])
+        self.resumed_position = state["loaders"]["train"]
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
         # the sums of all ranks so far: held by rank 0 alone, they are added once at epoch end
         self.running = dict(state["running"]) if self.rank == 0 else {}
         self.metrics, self.train_metrics = state["metrics"]["eval"], state["metrics"]["train"]
+        self.pending_eval = state.get("pending_eval")
+        skipped = state.get("skipped", {"done": 0, "epoch": 0, "position": 0})
+        self.skipped["train"], self.skipped_start = skipped["done"], skipped["position"]
+        self.skipped_carried = skipped["epoch"] if self.rank == 0 else 0
         rngs = state["rng"]
         restore_rng(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
         self.checkpoint = self.resumed_from = url
@@ -565,3 +660,22 @@ class _Run:
             f"[{'; '.join(saved)}], but this run on {self.world} rank(s) makes "
             f"[{'; '.join(now)}]: resume with the same global batch size (--global-batch-size, "
             f"or --batch-size global/ranks), or from an epoch-end checkpoint")
+
+
+def _sample_names(batch: Any, most: int = 64) -> str:
+    """The ``key`` (else ``path``) of each sample in a batch, for messages."""
+    names = batch.get("key", batch.get("path")) if isinstance(batch, Mapping) else None
+    if not isinstance(names, (list, tuple)):
+        return "unknown (the batch has no key or path field)"
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(str(n) for n in names[:most]) + more
+
+
+def _check_finite(model: torch.nn.Module, step: int, newest: str | None) -> None:
+    """Refuse to checkpoint weights (or buffers) that are NaN or infinite."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise FlowsError(f"step {step}: non-finite weights ({', '.join(bad[:8])}) though every "
+                         f"loss was finite; not checkpointing them; newest checkpoint: "
+                         f"{newest or 'none'}")
