@@ -519,8 +519,9 @@ class _Run:
                                                         on_error=self.config.on_error) as loader:
                 for batch in loader:
                     if self.world == 1 and self.stop.signum is not None:
+                        self._stop_requested()  # stopping: no time for the rest
                         self.pending_eval, self.metrics = epoch, {}
-                        return  # stopping: no time for the rest
+                        return
                     batch = to_device(batch, self.device)
                     n = float(count_samples(batch))
                     with self._autocast():

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import random
+import signal
+import struct
+import subprocess
+import sys
+import time
 import uuid
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -358,3 +366,102 @@ def test_capture_rng_loads_with_weights_only(tmp_path):
     torch.save(capture_rng(), path)
     state = torch.load(path, weights_only=True)
     assert set(state) >= {"python", "numpy", "torch"}
+
+
+# --------------------------------------------------------------------------- leftovers
+
+_WRITER = """
+import sys, torch
+from flows.checkpoint import CheckpointManager
+manager, state = CheckpointManager(sys.argv[1], keep=1), {"w": torch.zeros(16 * 2**20)}
+for step in range(200):
+    manager.save(state, step)
+"""
+
+
+def _temps(directory: Path, pid: int | None = None) -> list[str]:
+    return sorted(p.name for p in directory.glob(".ckpt-*.tmp")
+                  if pid is None or f".{pid}." in p.name)
+
+
+def _caught_mid_write(directory: Path, signum: int) -> subprocess.Popen:
+    """A real process saving 64 MB checkpoints into ``directory`` in a loop, sent ``signum``
+    (SIGKILL or SIGSTOP) while its temporary file is there; tried until one stays behind."""
+    root = Path(__file__).resolve().parents[1]
+    for _ in range(5):
+        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(directory)], cwd=root,
+                                  env={**os.environ, "PYTHONPATH": str(root)})
+        for _ in range(2_000_000):  # bounded: until a temporary file of it shows
+            if _temps(directory, writer.pid) or writer.poll() is not None:
+                break
+        os.kill(writer.pid, signum)
+        if signum == signal.SIGKILL:
+            writer.wait(timeout=60)
+        else:
+            os.waitpid(writer.pid, os.WUNTRACED)  # returns once it is stopped
+        if _temps(directory, writer.pid):
+            return writer
+        os.kill(writer.pid, signal.SIGKILL)  # it had renamed it just in time: again
+        writer.wait(timeout=60)
+    raise AssertionError("no writer was caught mid-write in 5 tries")
+
+
+def test_temp_files_of_dead_writers_are_cleaned_not_those_of_live_ones(tmp_path):
+    """One writer is SIGKILLed mid-write, another stopped (SIGSTOP) mid-write, and old temps
+    of older versions and of another host lie there too: the next save removes the dead
+    writer's and the day-old ones, keeps the live writer's and the fresh foreign one; once
+    the live writer is killed, its temp goes at the next save."""
+    live = _caught_mid_write(tmp_path, signal.SIGSTOP)
+    try:
+        dead = _caught_mid_write(tmp_path, signal.SIGKILL)
+        old_style = tmp_path / ".ckpt-0000000007.pt.k2j4_x9q.tmp"  # mkstemp's, no writer named
+        foreign = tmp_path / ".ckpt-0000000008.pt.otherhost.4242.0123456789ab.tmp"
+        fresh_foreign = tmp_path / ".ckpt-0000000009.pt.otherhost.4243.0123456789ab.tmp"
+        for path in (old_style, foreign, fresh_foreign):
+            path.write_bytes(b"partial")
+        day_and_a_bit = time.time() - 25 * 3600
+        for path in (old_style, foreign):
+            os.utime(path, (day_and_a_bit, day_and_a_bit))
+        live_temps = _temps(tmp_path, live.pid)
+        assert _temps(tmp_path, dead.pid)
+        manager = CheckpointManager(str(tmp_path), keep=10)
+        manager.save({"step": 1000}, step=1000)
+        assert _temps(tmp_path) == sorted([*live_temps, fresh_foreign.name])
+    finally:
+        live.kill()
+        live.wait(timeout=60)
+    manager.save({"step": 1001}, step=1001)
+    assert _temps(tmp_path) == [fresh_foreign.name]
+
+
+def test_stray_files_under_checkpoint_names_are_ignored_never_pruned(directory):
+    """A junk ``ckpt-9999999999.pt`` and a checkpoint renamed to another step take no keep
+    slot, are never returned, never deleted, and warned about once each."""
+    manager = CheckpointManager(directory, keep=2)
+    first = manager.save({"step": 1}, step=1)
+    stray, renamed = (f"{manager.root}/ckpt-999999999{n}.pt" for n in (9, 8))
+    manager.fs.pipe_file(stray, b"some other tool's file")
+    manager.fs.pipe_file(renamed, manager.fs.cat_file(first if manager.local else
+                                                      MemoryFileSystem._strip_protocol(first)))
+    with pytest.warns(CheckpointWarning) as record:
+        urls = [manager.save({"step": step}, step=step) for step in (2, 3, 4)]
+    assert sorted(str(w.message).split()[1].rsplit("/", 1)[1] for w in record) == [
+        "ckpt-9999999998.pt:", "ckpt-9999999999.pt:"]
+    assert manager.list() == [urls[2], urls[1]]
+    assert manager.fs.exists(stray) and manager.fs.exists(renamed)
+    with pytest.raises(FlowsError, match="ckpt-9999999998.pt holds step 1: a copy renamed"):
+        manager.load(renamed if manager.local else f"memory://{renamed}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per manager, and nothing to skip
+        assert manager.latest_valid() == (urls[2], {"step": 4})
+
+
+def test_format_1_checkpoints_still_load_and_count(tmp_path):
+    """Checkpoints written before the header named the step load as before."""
+    payload = io.BytesIO()
+    torch.save({"step": 5}, payload)
+    data = payload.getvalue()
+    header = struct.pack(">12sQ32s", b"FLOWS-CKPT\x00\x01", len(data), hashlib.sha256(data).digest())
+    (tmp_path / "ckpt-0000000005.pt").write_bytes(header + data)
+    manager = CheckpointManager(str(tmp_path))
+    assert manager.latest_valid() == (str(tmp_path / "ckpt-0000000005.pt"), {"step": 5})
