@@ -70,7 +70,8 @@ def test_options_come_from_the_config_dataclasses(capsys):
     code, out, _ = run(capsys, "train", TINY, "--help")
     assert code == 0
     for option in ("--data-dir", "--batch-size", "--task {classify,sequence,regress,multi}",
-                   "--checkpoint-every", "--resume, --no-resume", "--grad-clip", "--amp"):
+                   "--checkpoint-every", "--resume, --no-resume", "--grad-clip", "--amp",
+                   "--on-error {raise,skip}"):
         assert option in out
 
 
