@@ -343,7 +343,7 @@ class _Run:
             log.info("plotted %s", plot_log(self.log.path, self.config.plot))
         return TrainResult(self.model, self.step, self.epoch, self.metrics, self.train_metrics,
                            self.checkpoint, self.resumed_from, self.interrupted,
-                           time.perf_counter() - start, dict(self.skipped))
+                           time.perf_counter() - start, skipped=dict(self.skipped))
 
     def _run_pending_eval(self) -> None:
         """The evaluation a stop signal cut short, with the weights of the step it was due at;
