@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import functools
 import io as _io
-import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -149,8 +148,9 @@ def _check_length(opened: soundfile.SoundFile, label: str) -> None:
     for declared, present in _SHORT_DATA.findall(opened.extra_info):
         short = int(declared) - int(present)
         if int(declared) not in _UNKNOWN_SIZES and short >= 8 * opened.channels:  # a frame or more
-            raise BadAudioError(f"truncated: {label} holds {present} bytes of audio, its header says "
-                                f"{declared}")
+            announced = int(declared) * opened.frames // max(1, int(present))
+            raise BadAudioError(f"truncated: {label} holds {opened.frames} frames, its header says "
+                                f"{announced}")
 
 
 class DecodeAudio(Stage):
