@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 
 import numpy as np
@@ -213,9 +212,10 @@ def test_segments_read_only_their_part(long_clip, layout, monkeypatch):
     table = Flow.table(str(root / "segments.csv"), path_column="path", root=str(root))
     counter = CountFrames(monkeypatch)
     items = list(table.read().decode_audio(**options).loader())
-    assert counter.frames == sum(round(e * 44100) - round(s * 44100) for s, e in zip(starts, ends, strict=True))
-    for item, start, end in zip(items, starts, ends, strict=True):
-        assert torch.equal(item["audio"], torch.from_numpy(audio[:, round(start * 44100) : round(end * 44100)]))
+    parts = [(round(s * 44100), round(e * 44100)) for s, e in zip(starts, ends, strict=True)]
+    assert counter.frames == sum(last - first for first, last in parts)
+    for item, (first, last) in zip(items, parts, strict=True):
+        assert torch.equal(item["audio"], torch.from_numpy(audio[:, first:last]))
     # a bounded chain reads inside the segment only, with the same output as the full path
     chain = table.read().decode_audio(**options).downmix().resample(16_000)
     for op in ("pad", "crop"):
@@ -279,7 +279,8 @@ def test_non_finite_and_truncated_audio_are_decode_errors(tmp_path, chain):
     for name, reason in [("a_nan.wav", "1 non-finite samples"), ("b_inf.wav", "1 non-finite samples"),
                          ("c_truncated.wav", "truncated: .* holds 25389 frames, its header says 50800")]:
         one = CHAINS[chain](Flow.items([{"path": str(tmp_path / name)}]).read().decode_audio())
-        with pytest.raises(StageError, match=rf"stage 'decode_audio' failed on .*{name}: BadAudioError: {reason}"):
+        message = rf"stage 'decode_audio' failed on .*{name}: BadAudioError: {reason}"
+        with pytest.raises(StageError, match=message):
             list(one.loader())
     loader = CHAINS[chain](Flow.files(str(tmp_path)).read().decode_audio()).batch(1).loader(on_error="skip")
     assert [b["key"] for b in loader] == [["b_inf.flac"], ["d_good.wav"]] and loader.skipped == 3
