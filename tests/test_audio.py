@@ -284,3 +284,22 @@ def test_non_finite_and_truncated_audio_are_decode_errors(tmp_path, chain):
             list(one.loader())
     loader = CHAINS[chain](Flow.files(str(tmp_path)).read().decode_audio()).batch(1).loader(on_error="skip")
     assert [b["key"] for b in loader] == [["b_inf.flac"], ["d_good.wav"]] and loader.skipped == 3
+
+
+def test_table_recipe_reads_segments(long_clip, monkeypatch):
+    from recipes.table import TableRecipe
+
+    root, audio = long_clip
+    pd.DataFrame({"path": ["talk.wav"] * 3, "label": ["yes", "no", "yes"], "split": ["train"] * 3,
+                  "start": [0.0, 1.0, 3.0], "stop": [1.0, 2.5, 3.5]}).to_csv(root / "meta.csv", index=False)
+    config = TableRecipe.Config(data_dir=str(root), table="meta.csv", split_column="split",
+                                start_column="start", end_column="stop", columns="path,label",
+                                sample_rate=44100, mono=False, batch_size=3)
+    counter = CountFrames(monkeypatch)
+    (batch,) = list(TableRecipe(config).train_flow().loader())
+    assert counter.frames == round(3.0 * 44100)  # the three parts, nothing else
+    order = [round(start * 44100) for start in batch["start"].tolist()]
+    lengths = {0: 44100, 44100: 66150, 132300: 22050}
+    for row, first in enumerate(order):
+        n = lengths[first]
+        assert torch.equal(batch["audio"][row, :, :n], torch.from_numpy(audio[:, first : first + n]))
