@@ -175,6 +175,12 @@ class DecodeAudio(Stage):
         self.field, self.start, self.end, self.duration, self.unit = field, start, end, duration, unit
         self.lazy = lazy
 
+    def eager(self) -> DecodeAudio:
+        """This stage decoding everything at once (audio as a tensor, never a :class:`Pending`)."""
+        out = copy.copy(self)
+        out.lazy = False
+        return out
+
     @property
     def segmented(self) -> bool:
         return self.start is not None
