@@ -37,7 +37,7 @@ from flows.errors import FlowsError
 from flows.stages import FileRef, Stage
 
 _LOSSY = {"VORBIS", "OPUS", "MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III"}
-_SHORT_DATA = re.compile(r"data : (\d+) \(should be (\d+)\)")  # libsndfile's log of a short WAV/AIFF
+_SHORT_DATA = re.compile(r": (\d+) \(should be (\d+)\)")  # libsndfile's log of a chunk's size
 _UNKNOWN_SIZES = {0, 0xFFFFFFFF, 0x7FFFFFFF}  # streamed files that never wrote their length
 _MARGIN = 4096  # input frames read beyond a resampled window, per unit of the downsampling ratio
 
@@ -54,7 +54,6 @@ class Pending:
     def __init__(self, opened: soundfile.SoundFile, label: str, start: int, frames: int):
         self.file, self.label, self.start, self.frames = opened, label, start, frames
         self.rate = self.file.samplerate
-        self.channels = self.file.channels
         self.steps: tuple[Stage, ...] = ()
 
     def then(self, step: Stage) -> Pending:
@@ -62,11 +61,6 @@ class Pending:
         out = copy.copy(self)
         out.steps = (*self.steps, step)
         return out
-
-    @property
-    def sample_rate(self) -> int:
-        resample = self._resample()
-        return resample.rate if resample else self.rate
 
     @property
     def length(self) -> int:
@@ -97,18 +91,17 @@ class Pending:
 
     def read(self, first: int, last: int) -> torch.Tensor:
         """Decoded frames ``first .. last`` of the segment, checked, as (channels, frames)."""
-        offset, exact = self.start + first, self.file.subtype not in _LOSSY
+        offset = self.start + first
         try:
-            if offset and exact and self.file.seekable():
+            if offset and self.file.subtype not in _LOSSY and self.file.seekable():
                 self.file.seek(offset)
                 samples = self.file.read(last - first, dtype="float32", always_2d=True)
             else:  # lossy decoders seek approximately: decode from the start, as the full path does
                 samples = self.file.read(self.start + last, dtype="float32", always_2d=True)[offset:]
+        except soundfile.LibsndfileError as error:  # e.g. a truncated FLAC: "decoder lost sync"
+            raise BadAudioError(f"cannot decode {self.label}: {error.error_string}") from None
         finally:
             self.file.close()
-        if len(samples) < last - first and exact:
-            raise BadAudioError(f"truncated: {self.label} ends at frame {offset + len(samples)}, "
-                                f"its header says {self.file.frames}")
         bad = np.size(samples) - np.count_nonzero(np.isfinite(samples))
         if bad:
             raise BadAudioError(f"{bad} non-finite samples (NaN/Inf) in {self.label}")
@@ -120,37 +113,42 @@ def output_frames(frames: int, rate: int, new_rate: int) -> int:
     return (2 * frames * new_rate + rate) // (2 * rate)
 
 
-def _open(data: Any, label: Any = None) -> tuple[soundfile.SoundFile, str]:
-    """Open encoded audio for reading, without Python read callbacks where possible; returns it
-    and how messages name it (``label`` when a string)."""
-    if isinstance(data, FileRef):
-        label = label if isinstance(label, str) else data.url
-        if data.local:
-            return soundfile.SoundFile(data.url), label
-        return soundfile.SoundFile(io.open_file(data.url, data.storage_options)), label  # range reads
-    label = label if isinstance(label, str) else "the audio bytes"
-    if not hasattr(os, "memfd_create"):
-        return soundfile.SoundFile(_io.BytesIO(data)), label
-    fd = os.memfd_create("flows-audio", os.MFD_CLOEXEC)  # libsndfile reads it itself, GIL released
+def _open(data: Any, label: str) -> soundfile.SoundFile:
+    """Open encoded audio for reading, without Python read callbacks where possible."""
+    try:
+        if isinstance(data, FileRef):
+            source = data.url if data.local else io.open_file(data.url, data.storage_options)  # ranges
+            return soundfile.SoundFile(source)
+        if not hasattr(os, "memfd_create"):
+            return soundfile.SoundFile(_io.BytesIO(data))
+        return soundfile.SoundFile(_memfd(data), closefd=True)  # closed by libsndfile, also on errors
+    except soundfile.LibsndfileError as error:
+        raise BadAudioError(f"cannot decode {label}: {error.error_string}") from None
+
+
+def _memfd(data: bytes) -> int:
+    """An anonymous in-memory file holding ``data``: libsndfile reads it itself, GIL released."""
+    fd = os.memfd_create("flows-audio", os.MFD_CLOEXEC)
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.lseek(fd, 0, os.SEEK_SET)
-        return soundfile.SoundFile(fd, closefd=True), label
     except BaseException:
         os.close(fd)
         raise
+    return fd
 
 
 def _check_length(opened: soundfile.SoundFile, label: str) -> None:
-    """A WAV/AIFF whose data chunk is shorter than its header says is a truncated file."""
-    for declared, present in _SHORT_DATA.findall(opened.extra_info):
-        short = int(declared) - int(present)
-        if int(declared) not in _UNKNOWN_SIZES and short >= 8 * opened.channels:  # a frame or more
-            announced = int(declared) * opened.frames // max(1, int(present))
-            raise BadAudioError(f"truncated: {label} holds {opened.frames} frames, its header says "
-                                f"{announced}")
+    """A file whose header announces more data than it holds (WAV, AIFF, W64, RF64, AU: logged by
+    libsndfile as ``size (should be N)``) is a truncated file."""
+    short = [(int(declared), int(present)) for declared, present in _SHORT_DATA.findall(opened.extra_info)
+             if int(declared) not in _UNKNOWN_SIZES and int(declared) - int(present) >= 8 * opened.channels]
+    if short:  # the last one logged is the innermost chunk: the audio data
+        declared, present = short[-1]
+        raise BadAudioError(f"truncated: {label} holds {opened.frames} frames, {present} of the "
+                            f"{declared} bytes its header announces")
 
 
 class DecodeAudio(Stage):
@@ -193,7 +191,9 @@ class DecodeAudio(Stage):
         data, label = item[self.field], item.get("path")
         if isinstance(data, dict):  # a Hugging Face audio struct
             data, label = data["bytes"], label or data.get("path")
-        opened, label = _open(data, label)
+        if not isinstance(label, str):
+            label = data.url if isinstance(data, FileRef) else "the audio bytes"
+        opened = _open(data, label)
         try:
             _check_length(opened, label)
             start, frames = self._segment(item, opened, label)

@@ -276,8 +276,9 @@ CHAINS = {"decode": lambda flow: flow, "pad": lambda flow: flow.pad(1000),
 def test_non_finite_and_truncated_audio_are_decode_errors(tmp_path, chain):
     """Whether decoding everything or (pad, crop) only the window kept: the frames read are checked."""
     bad_clips(tmp_path)
+    truncated = "truncated: .* holds 25389 frames, 50778 of the 101600 bytes its header announces"
     for name, reason in [("a_nan.wav", "1 non-finite samples"), ("b_inf.wav", "1 non-finite samples"),
-                         ("c_truncated.wav", "truncated: .* holds 25389 frames, its header says 50800")]:
+                         ("c_truncated.wav", truncated)]:
         one = CHAINS[chain](Flow.items([{"path": str(tmp_path / name)}]).read().decode_audio())
         message = rf"stage 'decode_audio' failed on .*{name}: BadAudioError: {reason}"
         with pytest.raises(StageError, match=message):
@@ -303,3 +304,19 @@ def test_table_recipe_reads_segments(long_clip, monkeypatch):
     for row, first in enumerate(order):
         n = lengths[first]
         assert torch.equal(batch["audio"][row, :, :n], torch.from_numpy(audio[:, first : first + n]))
+
+
+@pytest.mark.parametrize(("fmt", "reason"), [
+    ("WAV", "truncated"), ("AIFF", "truncated"), ("W64", "truncated"), ("RF64", "truncated"),
+    ("AU", "truncated"), ("FLAC", "cannot decode .*lost sync"), ("CAF", "cannot decode .*malformed"),
+])
+def test_truncated_files_are_decode_errors(fmt, reason):
+    """Half of each file (bytes in memory: the path a remote file or a Parquet column takes)."""
+    whole = encode((0.1 * np.random.default_rng(0).standard_normal(50800)).astype(np.float32), 16000,
+                   fmt, "PCM_16")
+    records = [{"key": "cut", "bytes": whole[: len(whole) // 2]}, {"key": "whole", "bytes": whole}]
+    flow = Flow.items(records).decode_audio().pad(60000).batch(1)
+    with pytest.raises(StageError, match=rf"stage 'decode_audio' failed on cut: BadAudioError: {reason}"):
+        list(flow.loader())
+    loader = flow.loader(on_error="skip")
+    assert [b["key"] for b in loader] == [["whole"]] and loader.skipped == 1
