@@ -7,7 +7,9 @@
 - ``path``: flows' ``read().decode_audio()`` on local files (libsndfile opens the path).
 
 Each way runs the same clips through ``decode -> mono -> 16 kHz -> 4 s`` in a pool of 1 and then
-2 threads and reports the speed-up (2 means perfect scaling on 2 free cores). Usage:
+2 threads and reports the speed-up (2 means perfect scaling on 2 free cores). On a shared machine
+that ratio is noisy, so it also counts what does not depend on the load: the Python callbacks
+libsndfile makes per clip (each takes the GIL). Usage:
 ``PYTHONPATH=. python benchmarks/decode_threads.py [--clips 48] [--rounds 3]``.
 """
 
@@ -15,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile
@@ -45,6 +50,23 @@ def bytesio_decode(item: dict) -> dict:
     import torch
 
     return {"audio": torch.from_numpy(np.ascontiguousarray(samples.T)), "sample_rate": rate}
+
+
+def callbacks(work: Callable[[int], None], clips: int) -> float:
+    """Calls per clip of soundfile's virtual-IO callbacks (``vio_*``: each takes the GIL)."""
+    calls = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        calls += event == "call" and frame.f_code.co_name.startswith("vio_")
+
+    sys.setprofile(profile)
+    try:
+        for i in range(clips):
+            work(i)
+    finally:
+        sys.setprofile(None)
+    return calls / clips
 
 
 def main() -> None:
@@ -79,8 +101,10 @@ def main() -> None:
                     best[threads] = min(best[threads], time.perf_counter() - start)
             for pool in pools.values():
                 pool.shutdown()
+            calls = callbacks(work, min(8, args.clips))
             print(f"{name:8s} 1 thread {args.clips / best[1]:6.1f} clips/s, 2 threads "
-                  f"{args.clips / best[2]:6.1f} clips/s: speed-up {best[1] / best[2]:.2f}x", flush=True)
+                  f"{args.clips / best[2]:6.1f} clips/s: speed-up {best[1] / best[2]:.2f}x; "
+                  f"{calls:.0f} Python read callbacks per clip", flush=True)
 
 
 if __name__ == "__main__":
