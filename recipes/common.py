@@ -113,8 +113,8 @@ def audio_chain(flow: Flow, config: AudioConfig, train: bool, embedded: str | No
     ``embedded`` names a field holding the encoded audio (a Hugging Face ``{bytes, path}``
     column) instead of reading each record's ``path``; ``segment`` holds the
     :meth:`~flows.flow.Flow.decode_audio` options naming the part of each file to use."""
-    flow = flow.decode_audio(embedded, **segment or {}) if embedded else flow.read().decode_audio(
-        **segment or {})
+    part = segment or {}
+    flow = flow.decode_audio(embedded, **part) if embedded else flow.read().decode_audio(**part)
     if config.mono:
         flow = flow.downmix()
     flow = flow.resample(config.sample_rate)
