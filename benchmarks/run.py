@@ -14,6 +14,8 @@ Contenders, each on the same files, shuffled, 2+ epochs:
   ``SimpleCutSampler`` inside a DataLoader;
 - ``HF datasets``: a Dataset of paths cast to ``Audio(sampling_rate=16000, mono=True)`` (soundfile +
   librosa soxr_hq resampling) inside a DataLoader;
+- ``SPDL``: an SPDL pipeline of FFmpeg decoding and filtering (mono, soxr at HQ precision, 4 s)
+  in its best number of threads (needs FFmpeg's libraries: ``run.sh`` installs them with apt);
 - ``kernel limit``: decode + downmix + resample + pad of in-memory bytes in a tight loop; its
   CPU time divided by the cores is the best any loader can do.
 """
@@ -26,6 +28,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,6 +59,7 @@ def build_datasets(quick: bool) -> dict[str, dict[str, Any]]:
     from recipes.synthetic import make_sousa, make_urbansound8k, make_yesno
 
     sizes = {"urbansound8k": 6 if quick else 50, "sousa": 40 if quick else 320, "yesno": 20 if quick else 60}
+    yesno_copies = 2 if quick else 10  # YESNO has 60 clips: 10 copies make an epoch 10 batches
     tag = "quick" if quick else "full"
     out = {}
     for name, size in sizes.items():
@@ -67,7 +71,9 @@ def build_datasets(quick: bool) -> dict[str, dict[str, Any]]:
             elif name == "sousa":
                 make_sousa(root, n_samples=size)
             else:
-                make_yesno(root, n_files=size)
+                clips = make_yesno(root / "copy0", n_files=size)
+                for k in range(1, yesno_copies):
+                    shutil.copytree(clips, root / f"copy{k}" / clips.name)
             (root / ".done").touch()
         if name == "sousa":
             table = pq.read_table(root / "labels" / "samples.parquet", columns=["audio_path"])
@@ -167,6 +173,48 @@ def hf_loader(ds: dict, workers: int) -> Any:
                                        generator=torch.Generator().manual_seed(0))
 
 
+class _Reshuffled:
+    """The paths, in a new seeded order on every pass (every epoch)."""
+
+    def __init__(self, paths: list[str]):
+        self.paths, self.epoch = paths, 0
+
+    def __iter__(self) -> Any:
+        order = np.random.default_rng(self.epoch).permutation(len(self.paths))
+        self.epoch += 1
+        return (self.paths[i] for i in order)
+
+
+class _Epochs:
+    """Iterating gives one epoch of a started SPDL pipeline."""
+
+    def __init__(self, pipeline: Any):
+        self.pipeline = pipeline
+
+    def __iter__(self) -> Any:
+        return self.pipeline.get_iterator()
+
+
+def spdl_loader(ds: dict, workers: int) -> Any:
+    """SPDL: FFmpeg decodes (libspdl demuxes and decodes the file itself, GIL released) and an
+    FFmpeg filter downmixes, resamples with soxr at HQ precision (20 bits) and pads/trims, in
+    ``workers`` threads; 64 clips are stacked per batch."""
+    import spdl.io
+    from spdl.pipeline import PipelineBuilder
+
+    steps = (f"aformat=channel_layouts=mono,aresample={RATE}:resampler=soxr:precision=20,apad,"
+             f"atrim=end_sample={FRAMES},aformat=sample_fmts=flt")
+
+    def load(path: str) -> torch.Tensor:
+        return torch.from_numpy(spdl.io.to_numpy(spdl.io.load_audio(path, filter_desc=steps))).T
+
+    pipeline = (PipelineBuilder().add_source(_Reshuffled(ds["paths"]), continuous=True)
+                .pipe(load, concurrency=max(1, workers)).aggregate(BATCH).pipe(torch.stack)
+                .add_sink(3).build(num_threads=max(1, workers)))
+    pipeline.start()
+    return _Epochs(pipeline)
+
+
 def kernel(ds: dict) -> dict:
     """decode + downmix + resample + pad of in-memory bytes, one core, tight loop."""
     blobs = [Path(p).read_bytes() for p in ds["paths"]]
@@ -210,7 +258,8 @@ def child(args: argparse.Namespace) -> None:
     if args.contender == "flows":
         loader = flows_loader(ds, args.workers, args.method, args.cache)
     else:
-        build = {"hand-written": handwritten_loader, "lhotse": lhotse_loader, "hf": hf_loader}
+        build = {"hand-written": handwritten_loader, "lhotse": lhotse_loader, "hf": hf_loader,
+                 "spdl": spdl_loader}
         loader = build[args.contender](ds, args.workers)
     setup = time.perf_counter() - started
     epochs = []
@@ -263,14 +312,16 @@ def measure(contender: str, ds_file: Path, workers: int = 0, method: str = "thre
     cmd = [sys.executable, str(Path(__file__)), mode, contender, str(ds_file), "--workers", str(workers),
            "--method", method, "--epochs", str(epochs), *(["--cache", cache] if cache else []),
            *(extra or [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
     monitor = Monitor(proc.pid)
     monitor.start()
-    out, _ = proc.communicate()
+    out, err = proc.communicate()
     monitor.done.set()
     monitor.join()
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed with {proc.returncode}")
+        sys.stderr.write(err)
+        last = (err.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"{contender} failed with {proc.returncode}: {last}")
     result = json.loads(out.strip().splitlines()[-1])
     result.update(peak_rss_mb=monitor.rss / 2**20, peak_pss_mb=monitor.pss / 2**20)
     return result
@@ -354,6 +405,13 @@ def compare(datasets: dict, quick: bool) -> dict:
                 results["sweeps"][name][contender] = tried
             except RuntimeError as error:
                 rows[label] = {"error": str(error)}
+        try:  # SPDL runs its own thread pool: its best thread count
+            top, config, tried = best_config("spdl", [(w, "thread") for w in worker_choices], ds_file,
+                                             per_sample, epochs)
+            rows["SPDL"] = {**top, "config": config}
+            results["sweeps"][name]["spdl"] = tried
+        except RuntimeError as error:
+            rows["SPDL"] = {"error": str(error)}
         results[name] = rows
     return results
 

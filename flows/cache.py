@@ -111,7 +111,8 @@ class Cached(Stage):
             try:
                 out = stage(out)
             except Exception as error:
-                error.flows_stage = stage_name(stage)  # type: ignore[attr-defined]  # named by Apply
+                if not hasattr(error, "flows_stage"):  # a lazy decode's error names the decode
+                    error.flows_stage = stage_name(stage)  # type: ignore[attr-defined]  # named by Apply
                 raise
         self._write(path, out)
         return out

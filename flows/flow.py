@@ -137,8 +137,20 @@ class Flow:
         ``cache_dir`` keeps a local copy of remote files for later epochs."""
         return self.map(stages.ReadBytes(field, self.storage_options, retries, cache_dir))
 
-    def decode_audio(self, field: str = "bytes") -> Flow:
-        return self.map(audio.DecodeAudio(field))
+    def decode_audio(self, field: str = "bytes", start: str | None = None, end: str | None = None,
+                     duration: str | None = None,
+                     unit: Literal["seconds", "frames"] = "seconds") -> Flow:
+        """Decode audio bytes (after :meth:`read`: the file itself, by path for local files).
+
+        ``start`` and ``end`` (or ``duration``) name record fields, e.g. an annotation table's
+        columns, giving the part of the file to use in ``unit`` seconds or frames: only that part
+        is read (remote files by range requests). Non-finite samples and truncated WAV files are
+        errors of this stage."""
+        decode = audio.DecodeAudio(field, start, end, duration, unit)
+        before = self.stages
+        if field == "bytes" and before and isinstance(before[-1], stages.ReadBytes):
+            before = (*before[:-1], before[-1].referring("all" if decode.segmented else "local"))
+        return self._with(stages=(*before, decode))
 
     def decode_tensor(self, field: str = "bytes", to: str = "tensor") -> Flow:
         return self.map(stages.DecodeTensor(field, to))
@@ -153,12 +165,14 @@ class Flow:
         return self.map(audio.Normalize(mode))
 
     def pad(self, length: int) -> Flow:
-        """Zero-pad or trim to exactly ``length`` frames."""
-        return self.map(audio.PadTrim(length))
+        """Zero-pad or trim to exactly ``length`` frames (right after decode, downmix and
+        resample: only the frames kept are read and resampled)."""
+        return self._with(stages=(*audio.windowed(self.stages), audio.PadTrim(length)))
 
     def crop(self, length: int) -> Flow:
-        """Random ``length``-frame window, seeded by (seed, epoch, sample key)."""
-        return self.map(audio.RandomCrop(length))
+        """Random ``length``-frame window, seeded by (seed, epoch, sample key); right after
+        decode, downmix and resample only the window is read and resampled."""
+        return self._with(stages=(*audio.windowed(self.stages), audio.RandomCrop(length)))
 
     def cache(self, directory: str | os.PathLike[str], version: str = "") -> Flow:
         """Keep the output of the stages so far (deterministic ones: read, decode, downmix,

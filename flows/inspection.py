@@ -142,9 +142,10 @@ def _summarize(name: str, flow: Flow, targets: list[str], limit: int | None, wor
     decoded = False
     for leaf in _leaves(flow):
         stages = list(leaf.stages)
-        at = next((i for i, s in enumerate(stages) if isinstance(s, DecodeAudio)), None)
-        if at is not None:  # probe the audio as read from disk
-            stages.insert(at + 1, probe)
+        at, decode = next(((i, s) for i, s in enumerate(stages) if isinstance(s, DecodeAudio)),
+                          (None, None))
+        if at is not None and decode is not None:  # probe the audio as read from disk (all of it)
+            stages[at : at + 1] = [decode.eager(), probe]
             decoded = True
         for item in _unbatched(leaf, stages, limit).loader(workers):
             summary.samples += 1

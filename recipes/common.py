@@ -106,13 +106,15 @@ class Clip(Stage):
 
 
 def audio_chain(flow: Flow, config: AudioConfig, train: bool, embedded: str | None = None,
-                extra: Sequence[Callable] = ()) -> Flow:
+                extra: Sequence[Callable] = (), segment: dict[str, Any] | None = None) -> Flow:
     """The audio chain: read -> decode -> downmix -> resample -> ``extra`` stages -> clip to
     ``config.seconds``.
 
     ``embedded`` names a field holding the encoded audio (a Hugging Face ``{bytes, path}``
-    column) instead of reading each record's ``path``."""
-    flow = flow.decode_audio(embedded) if embedded else flow.read().decode_audio()
+    column) instead of reading each record's ``path``; ``segment`` holds the
+    :meth:`~flows.flow.Flow.decode_audio` options naming the part of each file to use."""
+    part = segment or {}
+    flow = flow.decode_audio(embedded, **part) if embedded else flow.read().decode_audio(**part)
     if config.mono:
         flow = flow.downmix()
     flow = flow.resample(config.sample_rate)

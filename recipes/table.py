@@ -5,13 +5,18 @@ folder or any fsspec URL, by default ``data_dir``, else the table's folder), a l
 optionally a split column (``train``/``test`` values) or a fold column. Without either the split
 is a seeded ``eval_fraction`` (or k-fold with ``folds``/``fold``). Classes are the label
 column's distinct values in sorted order; every other column rides along into the batches
-(choose them with ``columns``).
+(choose them with ``columns``). **Segments**: with ``start_column`` and ``end_column`` (or
+``duration_column``), in ``time_unit`` seconds or frames, each row is that part of its file
+and only that part is read — several rows may share one file (lhotse supervisions, SpeechBrain
+CSVs, hand-written annotations).
 
     recipe = TableRecipe(TableRecipe.Config(table="s3://bucket/meta.parquet",
                                             root="s3://bucket/audio", label_column="species",
                                             fold_column="fold", eval_folds="5"))
 
     flows train table --table meta.csv --data-dir ./clips --label-column species --seconds 3
+    flows train table --table calls.csv --data-dir ./recordings --label-column species \
+        --start-column start --end-column end --seconds 2
 """
 
 from __future__ import annotations
@@ -59,6 +64,12 @@ class TableConfig(AudioConfig):
     folds: int = option(0, "without split or fold column, more than 1: seeded k-fold "
                         "cross-validation, evaluating on --fold")
     fold: int = option(0, "the held-out fold (0-based) with --folds")
+    start_column: str | None = option(None, "segments: the column where each row's part of its file "
+                                      "starts (lhotse, SpeechBrain and annotation tables)")
+    end_column: str | None = option(None, "segments: the column where each part ends")
+    duration_column: str | None = option(None, "segments: the column of each part's length (instead "
+                                         "of --end-column)")
+    time_unit: str = option("seconds", "segments: 'seconds' or 'frames' (of the file's own rate)")
     stratify: bool = True
 
 
@@ -90,7 +101,8 @@ class TableRecipe(ClassesRecipe):
         columns = None
         if c.columns is not None:
             columns = list(dict.fromkeys([*as_names(c.columns), c.label_column]))
-            columns += [x for x in (c.split_column, c.fold_column) if x and x not in columns]
+            extra = (c.split_column, c.fold_column, c.start_column, c.end_column, c.duration_column)
+            columns += [x for x in extra if x and x not in columns]
         where: dict[str, str | list[int]] | None = None
         if c.split_column is not None:
             where = {c.split_column: c.train_split if train else c.eval_split}
@@ -105,10 +117,19 @@ class TableRecipe(ClassesRecipe):
             flow = split(flow, train, c.eval_fraction, c.seed, c.folds, c.fold)
         return flow
 
+    @property
+    def segment(self) -> dict | None:
+        """The decode options naming each row's part of its file (None: whole files)."""
+        c = self.config
+        if c.start_column is None:
+            return None
+        return {"start": c.start_column, "end": c.end_column, "duration": c.duration_column,
+                "unit": c.time_unit}
+
     def part(self, train: bool) -> Flow:
         c = self.config
         flow = self._rows(train).map(ClassIndex(c.label_column, self.classes, "label"))
-        flow = audio_chain(flow, c, train)
+        flow = audio_chain(flow, c, train, segment=self.segment)
         return batches(flow, c, train, stratify=c.label_column if c.stratify else None,
                        variable=not fixed_length(c))
 
