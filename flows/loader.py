@@ -37,7 +37,9 @@ class Loader:
             stats.attach(root)
 
     def __iter__(self) -> Iterator[Any]:
-        return self._epoch() if self._stats is None else self._stats.watch(self._epoch)
+        # the epoch starts at the first next(): an iter() never advanced takes no epoch
+        # (Lightning calls one to check that what it is given is iterable)
+        yield from (self._epoch() if self._stats is None else self._stats.watch(self._epoch))
 
     def _epoch(self) -> Iterator[Any]:
         it = iter(self._loader)

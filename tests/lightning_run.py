@@ -10,23 +10,15 @@ STEP's checkpoint and waits to be killed.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-
-from flows import Flow
+from trainer_flow import train_flow
 
 EPOCHS, EVERY = 2, 3
-
-
-def train_flow() -> Flow:
-    g = torch.Generator().manual_seed(0)
-    items = [{"x": torch.randn(4, generator=g), "y": float(i % 3), "key": f"s{i}"} for i in range(24)]
-    return Flow.items(items).shuffle(seed=3).batch(4)  # 6 batches an epoch
 
 
 class Model(L.LightningModule):
@@ -72,5 +64,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONHASHSEED", "0")
     main(sys.argv[1:])

@@ -138,3 +138,10 @@ def test_every_output_of_the_dataset_is_the_loaders_in_the_main_process():
     dataset = flow().dataset()
     for a, b in zip(run_epochs(dataset, 2), reference, strict=True):
         assert_same(a, b)
+
+
+def test_an_iter_never_advanced_takes_no_epoch():
+    reference = xs(run_epochs(flow().loader(), 2))
+    loader = flow().loader()
+    iter(loader)  # as Lightning does, to check that a loader is iterable
+    assert xs(run_epochs(loader, 2)) == reference

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from flows.testing import run_epochs
+from tests.trainer_flow import train_flow
+
 HERE = Path(__file__).parent
 
 
@@ -39,8 +42,10 @@ def batches(path: Path) -> list[str]:
 
 
 def assert_resumed_exactly(out: Path, name: str, step: int) -> None:
-    """The resumed run's batches are the reference's from ``step`` on; its weights are equal."""
+    """The uninterrupted run trained on the flow's two epochs; the resumed run's batches are its
+    batches from ``step`` on, and the final weights are equal."""
     reference = batches(out / "reference.batches")
+    assert reference == [" ".join(b["key"]) for b in run_epochs(train_flow().loader(), 2)]
     assert batches(out / f"{name}.batches") == reference[step:], name
     ours, theirs = torch.load(out / f"{name}.pt"), torch.load(out / "reference.pt")
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs), f"{name}: weights differ"
@@ -54,6 +59,15 @@ def test_lightning_resumes_a_killed_fit_exactly(tmp_path):
     points = [3, 6, 9]
     checkpoints = [str(tmp_path / "killed" / f"step={step}.ckpt") for step in points]
     run("lightning_run.py", tmp_path, "resume", *checkpoints)
-    assert len(batches(tmp_path / "reference.batches")) == 12
     for step in points:
+        assert_resumed_exactly(tmp_path, f"resumed-step={step}", step)
+
+
+def test_accelerate_resumes_a_killed_run_exactly(tmp_path):
+    pytest.importorskip("accelerate")
+    run_killed("accelerate_run.py", tmp_path, "10")  # save_state at steps 3 and 9 of 12
+    assert len(batches(tmp_path / "killed.batches")) == 10
+    run("accelerate_run.py", tmp_path, "reference")
+    for step in (3, 9):  # mid-epoch, and mid next epoch (6 batches an epoch)
+        run("accelerate_run.py", tmp_path, "resume", str(tmp_path / f"step={step}"))
         assert_resumed_exactly(tmp_path, f"resumed-step={step}", step)
