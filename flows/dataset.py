@@ -24,6 +24,7 @@ resume on another number of workers, use :class:`flows.Loader` (``flow.loader()`
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -81,7 +82,7 @@ class FlowDataset(IterableDataset):
                              "move batches in the training loop (or use flow.loader())")
         if rank is None or world_size is None:
             rank, world_size = distributed_position()
-        self.flow = flow._with(pin_memory=False)  # pinning is the DataLoader's (pin_memory=True)
+        self.flow = dataclasses.replace(flow, pin_memory=False)  # the DataLoader pins (pin_memory=True)
         self.rank, self.world_size = rank, world_size
         self.options: dict[str, Any] = {"num_workers": num_workers, "method": method, "on_error": on_error,
                                         "mp_context": mp_context}

@@ -37,7 +37,7 @@ class Progress:
 
 
 def main(out: Path, mode: str, arg: str | None = None) -> None:
-    config = DataLoaderConfiguration(use_stateful_dataloader=True)
+    config = DataLoaderConfiguration(use_stateful_dataloader=True, dispatch_batches=False)
     accelerator = Accelerator(cpu=True, dataloader_config=config)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
