@@ -10,7 +10,9 @@ rank's batches. The DataLoader hands out its workers' outputs in turn, so with f
 (``.batch(n)`` and ``batch_size=None``) the batches are exactly ``flow.loader()``'s, whatever
 ``num_workers``. With DataLoader batching (an unbatched flow and ``batch_size=n``) each worker
 batches its own samples: every sample still comes once per epoch, but which samples share a
-batch depends on ``num_workers``, and each worker's last batch may be short.
+batch depends on ``num_workers``, and each worker's last batch may be short. For a mix
+(``Flow.mix``) each worker mixes its share of every flow's batches, so the interleaving depends
+on ``num_workers``.
 
 The epoch advances by itself, with persistent workers or not: the epoch each worker starts next
 is kept in memory shared by every copy of the dataset (the DataLoader's workers get copies), and
