@@ -59,6 +59,23 @@ class Strided(Plan):
         return self.plan(order, source, seed, epoch)[self.index :: self.count]
 
 
+@dataclass(frozen=True)
+class _Resolved:
+    """A plan factory that pickles: the plan already made for the world size."""
+
+    plan: Plan
+
+    def __call__(self, world_size: int) -> Plan:
+        return self.plan
+
+
+def _resolved(flow: Flow, world_size: int) -> Flow:
+    """``flow`` with its plans made for ``world_size`` (``Flow.batch`` makes them with a lambda)."""
+    if flow.mixed:
+        return dataclasses.replace(flow, mixed=tuple((_resolved(f, world_size), w) for f, w in flow.mixed))
+    return flow if flow.plan is None else dataclasses.replace(flow, plan=_Resolved(flow.plan(world_size)))
+
+
 @dataclass
 class _Run:
     """One iteration (an epoch, or the rest of one) in this process."""
@@ -84,7 +101,8 @@ class FlowDataset(IterableDataset):
                              "move batches in the training loop (or use flow.loader())")
         if rank is None or world_size is None:
             rank, world_size = distributed_position()
-        self.flow = dataclasses.replace(flow, pin_memory=False)  # the DataLoader pins (pin_memory=True)
+        # the DataLoader pins (pin_memory=True); spawned workers get the flow pickled
+        self.flow = dataclasses.replace(_resolved(flow, world_size), pin_memory=False)
         self.rank, self.world_size = rank, world_size
         self.options: dict[str, Any] = {"num_workers": num_workers, "method": method, "on_error": on_error,
                                         "mp_context": mp_context}

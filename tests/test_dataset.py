@@ -48,6 +48,16 @@ def test_dataloader_batching_gives_each_sample_once_per_epoch_over_ranks(workers
     assert epochs[0] != epochs[1]  # a new order each epoch
 
 
+def test_spawned_workers_share_the_epoch():
+    reference = xs(run_epochs(flow().loader(), 2))
+    dataset = flow().dataset()
+    loader = DataLoader(dataset, batch_size=None, num_workers=2, persistent_workers=True,
+                        multiprocessing_context="spawn")  # the dataset is pickled, not forked
+    assert xs(run_epochs(loader, 2)) == reference
+    dataset.set_epoch(0)
+    assert xs(loader) == reference[:5]
+
+
 def test_set_epoch_picks_the_epoch_like_distributed_sampler():
     reference = xs(run_epochs(flow().loader(), 3))
     dataset = flow().dataset()
