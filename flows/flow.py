@@ -17,7 +17,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from flows.sampling import (
 )
 from flows.sources import AUDIO_EXTENSIONS, Files, Items, Source, Subset, Table, Where
 from flows.stats import Stats
+
+if TYPE_CHECKING:
+    from flows.dataset import FlowDataset
 
 PlanFactory = Callable[[int], Plan]  # world size -> plan of global batches
 
@@ -236,6 +239,17 @@ class Flow:
             root = ToDevice(root, self.device, self.device_transform)
             wrappers = ["source", *wrappers]
         return Loader(root, samplers, wrappers, stats=collector)
+
+    def dataset(self, num_workers: int = 0, method: Literal["thread", "process"] = "thread",
+                on_error: OnError = "raise", rank: int | None = None, world_size: int | None = None,
+                mp_context: str | None = None) -> FlowDataset:
+        """This flow as a ``torch.utils.data.IterableDataset`` with ``state_dict()`` /
+        ``load_state_dict()``, for torch's ``DataLoader`` and torchdata's ``StatefulDataLoader``
+        (see :mod:`flows.dataset`). The options are :meth:`loader`'s, for the stages run inside
+        each DataLoader worker (or the main process)."""
+        from flows.dataset import FlowDataset
+
+        return FlowDataset(self, num_workers, method, on_error, rank, world_size, mp_context)
 
     def _build(self, num_workers: int, method: Literal["thread", "process"], on_error: OnError,
                rank: int, world_size: int, mp_context: str | None,

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from torchdata.nodes import BaseNode
 from torchdata.nodes import Loader as _NodesLoader
 
 from flows.errors import FlowsError
+from flows.nodes import Gather, Workers
 from flows.sampling import Sampler
 
 if TYPE_CHECKING:
+    from flows.sources import Source
     from flows.stats import Report, Stats
+
+T = TypeVar("T")
 
 
 class Loader:
@@ -33,7 +37,9 @@ class Loader:
             stats.attach(root)
 
     def __iter__(self) -> Iterator[Any]:
-        return self._epoch() if self._stats is None else self._stats.watch(self._epoch)
+        # the epoch starts at the first next(): an iter() never advanced takes no epoch
+        # (Lightning calls one to check that what it is given is iterable)
+        yield from (self._epoch() if self._stats is None else self._stats.watch(self._epoch))
 
     def _epoch(self) -> Iterator[Any]:
         it = iter(self._loader)
@@ -70,10 +76,34 @@ class Loader:
         return {"flow": state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "flow" not in state or "workers" in state:
+            raise FlowsError(_foreign(state))
         inner = state["flow"]
         for key in reversed(self.wrappers):
             inner = {key: inner, "steps_since_snapshot": 0} if key == "snapshot" else {key: inner}
         self._loader.load_state_dict({"root": inner, "num_yielded": 0})
+
+    # ---- what trainers read from a DataLoader (Lightning, accelerate, torchtitan) -----------------
+    @property
+    def batch_size(self) -> int | None:
+        """Samples per batch on this rank; None when batches vary (``bucket``) or the flow is
+        unbatched (it yields samples, like a DataLoader with ``batch_size=None``)."""
+        gather = _find(self.root, Gather)
+        size = getattr(self.samplers[0].plan, "size", None)
+        if gather is None or not gather.batched or size is None:
+            return None
+        return size // self.samplers[0].world_size
+
+    @property
+    def num_workers(self) -> int:
+        """Workers running the per-sample stages (threads or processes)."""
+        workers = _find(self.root, Workers)
+        return workers.num_workers if workers is not None else 0
+
+    @property
+    def dataset(self) -> Source:
+        """The records this loader reads (the first flow's, for a mix): ``len()`` and indexing."""
+        return self.samplers[0].source
 
     def close(self) -> None:
         """Stop the background threads and worker processes now (also done by ``with loader:``).
@@ -95,6 +125,27 @@ class Loader:
     def filtered(self) -> int:
         """Samples removed by ``filter`` stages so far, as of the last batch delivered."""
         return _count(self.state_dict(), "filtered")
+
+
+def _foreign(state: dict[str, Any]) -> str:
+    """Why ``state`` is not a flows.Loader state."""
+    kind = ("a FlowDataset state (one DataLoader worker's)" if "workers" in state
+            else "a torchdata StatefulDataLoader state" if any(str(k).startswith("_") for k in state)
+            else f"a dict with keys {sorted(map(str, state))[:5]}")
+    return (f"flows.Loader.load_state_dict got {kind}, not a flows.Loader state: a StatefulDataLoader "
+            "over flow.dataset() loads its own states (with the num_workers it saved with)")
+
+
+def _find(node: Any, kind: type[T]) -> T | None:
+    """The first node of type ``kind`` at or below ``node``."""
+    if isinstance(node, kind):
+        return node
+    for name in ("source", "sources"):
+        child = getattr(node, name, None)
+        for c in child if isinstance(child, list) else [child]:
+            if isinstance(c, BaseNode) and (found := _find(c, kind)) is not None:
+                return found
+    return None
 
 
 def _count(state: Any, field: str) -> int:
