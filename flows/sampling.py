@@ -128,7 +128,7 @@ class EpochOrder:
         return self.n
 
     def __getitem__(self, positions: slice | np.ndarray) -> np.ndarray:
-        p = np.arange(self.n)[positions] if isinstance(positions, slice) else np.asarray(positions)
+        p = np.arange(*positions.indices(self.n)) if isinstance(positions, slice) else np.asarray(positions)
         if self.seed is None:
             return p.astype(np.int64)
         if self._blocks is None:

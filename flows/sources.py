@@ -54,8 +54,8 @@ class Source:
         return np.asarray([self[i][name] for i in range(len(self))])
 
     def codes(self, name: str) -> np.ndarray:
-        """One field as integer class codes ``0..k-1`` (int32, in order of first appearance):
-        what stratified plans use, 4 bytes per record."""
+        """One field as small non-negative integer class codes (int32; equal values, equal
+        codes): what stratified plans use, 4 bytes per record."""
         return pd.factorize(self.column(name), use_na_sentinel=False)[0].astype(np.int32)
 
     def blocks(self) -> np.ndarray | None:
