@@ -58,46 +58,55 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def permute(positions: np.ndarray, n: int | np.ndarray, keys: int | np.ndarray) -> np.ndarray:
+def permute(positions: np.ndarray, n: int, seed_key: int) -> np.ndarray:
     """Element ``positions`` of the keyed pseudo-random permutation of ``range(n)``: a bijection
-    of ``range(n)`` for each key, O(1) memory and time per element, vectorised.
-
-    ``n`` and ``keys`` may be arrays (one domain and key per position). A balanced Feistel
-    network permutes ``range(4**h)`` with ``4**h >= n``; cycle-walking (applying it again until
-    the value falls in ``range(n)``) restricts it to ``range(n)`` (on average < 4 walks)."""
-    x = np.array(positions, dtype=np.uint64).ravel()
-    size = np.atleast_1d(np.asarray(n, dtype=np.uint64))
-    bits = np.ceil(np.log2(np.maximum(size, 2).astype(np.float64))).astype(np.uint64)
-    half = np.maximum((bits + np.uint64(1)) // np.uint64(2), np.uint64(1))
-    rounds = _round_keys(np.atleast_1d(np.asarray(keys, dtype=np.uint64)))
-    x = _feistel(x, half, rounds)
-    out = np.flatnonzero(x >= size)
-    while out.size:  # cycle-walk the values that fell outside range(n)
-        x[out] = _feistel(x[out], _at(half, out), [_at(k, out) for k in rounds])
-        out = out[x[out] >= _at(size, out)]
-    return x.astype(np.int64)
+    of ``range(n)`` for each key, O(1) memory and time per element, vectorised."""
+    return Bijections([n], [seed_key])(np.asarray(positions))
 
 
-def _at(values: np.ndarray, where: np.ndarray) -> np.ndarray:
-    """A per-position parameter at ``where`` (one shared by all positions stays as it is)."""
-    return values if len(values) == 1 else values[where]
+class Bijections:
+    """Keyed pseudo-random bijections of ``range(n[g])``, one per group ``g``, evaluated per position.
 
+    A Feistel network on ``bits`` bits (the two halves ``bits // 2`` and ``bits - bits // 2``
+    wide, swapping widths every round, 4 rounds of splitmix64) permutes ``range(2**bits)`` with
+    ``n <= 2**bits < 2n``; cycle-walking (applying it again until the value falls in
+    ``range(n)``) restricts it to ``range(n)``: under 2 evaluations per position on average."""
 
-def _round_keys(keys: np.ndarray) -> list[np.ndarray]:
-    return [_mix(keys + np.uint64(((r + 1) * 0x9E3779B97F4A7C15) % 2**64)) for r in range(_ROUNDS)]
+    def __init__(self, n: Sequence[int] | np.ndarray, keys: Sequence[int] | np.ndarray):
+        self.size = np.asarray(n, dtype=np.uint64)
+        bits = np.maximum(np.ceil(np.log2(np.maximum(self.size, 1).astype(np.float64))), 2)
+        self.right = (bits // 2).astype(np.uint64)
+        self.left = bits.astype(np.uint64) - self.right
+        keys64 = np.asarray(keys, dtype=np.uint64)
+        self.rounds = [_mix(keys64 + np.uint64(((r + 1) * 0x9E3779B97F4A7C15) % 2**64))
+                       for r in range(_ROUNDS)]
 
+    def __call__(self, positions: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
+        """The images of ``positions`` (each in ``range(n[group])``; ``group`` defaults to 0)."""
+        x = positions.astype(np.uint64).ravel()
+        g = np.zeros(len(x), dtype=np.int64) if group is None else group.ravel()
+        if len(self.size) == 1:
+            g = np.zeros(1, dtype=np.int64)  # one group: its parameters broadcast
+        x = self._feistel(x, g)
+        out = np.flatnonzero(x >= self.size[g if len(g) == len(x) else g[:1]])
+        while out.size:  # cycle-walk the values that fell outside range(n)
+            sub = g[out] if len(g) == len(x) else g
+            x[out] = self._feistel(x[out], sub)
+            out = out[x[out] >= self.size[sub]]
+        return x.astype(np.int64)
 
-def _feistel(x: np.ndarray, half: np.ndarray, rounds: list[np.ndarray]) -> np.ndarray:
-    mask = (np.uint64(1) << half) - np.uint64(1)
-    left, right = x >> half, x & mask
-    for round_key in rounds:
-        f = _mix(right ^ round_key)
-        f &= mask
-        f ^= left
-        left, right = right, f
-    left <<= half
-    left |= right
-    return left
+    def _feistel(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        left_bits, right_bits = self.left[g], self.right[g]
+        left, right = x >> right_bits, x & ((np.uint64(1) << right_bits) - np.uint64(1))
+        for round_keys in self.rounds:
+            f = _mix(right ^ round_keys[g])
+            f &= (np.uint64(1) << left_bits) - np.uint64(1)
+            f ^= left
+            left, right = right, f
+            left_bits, right_bits = right_bits, left_bits
+        left <<= right_bits
+        left |= right
+        return left
 
 
 def _compact(indices: np.ndarray, n: int) -> np.ndarray:
@@ -123,6 +132,9 @@ class EpochOrder:
             sizes = np.diff(blocks)[self._block_order]
             self._shuffled_starts = np.concatenate([[0], np.cumsum(sizes)])
             self._windows = self._shuffled_starts[np.r_[0:count:window, count]]
+            windows = np.arange(len(self._windows) - 1, dtype=np.uint64)
+            self._inside = Bijections(np.diff(self._windows),
+                                      _mix(np.uint64(self._key) ^ _mix(windows + np.uint64(1))))
 
     def __len__(self) -> int:
         return self.n
@@ -136,9 +148,7 @@ class EpochOrder:
         # the block shuffle: windows of shuffled blocks, rows shuffled within each window
         w = np.searchsorted(self._windows, p, side="right") - 1
         start = self._windows[w]
-        inside = permute(p - start, self._windows[w + 1] - start, _mix(np.uint64(self._key) ^ _mix(
-            w.astype(np.uint64) + np.uint64(1))))
-        q = start + inside  # position in the concatenation of the shuffled blocks
+        q = start + self._inside(p - start, w)  # position in the concatenation of the shuffled blocks
         b = np.searchsorted(self._shuffled_starts, q, side="right") - 1
         return self._blocks[self._block_order[b]] + (q - self._shuffled_starts[b])
 

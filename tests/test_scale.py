@@ -16,6 +16,7 @@ import pytest
 from flows import Flow, io
 from flows.errors import EmptySourceError
 from flows.sampling import (
+    Bijections,
     DurationBuckets,
     EpochOrder,
     FixedBatches,
@@ -43,9 +44,9 @@ def test_permute_of_a_slice_is_the_slice_of_the_whole_and_per_position_domains()
     whole = permute(np.arange(5000), 5000, 9)
     assert permute(np.arange(1200, 1300), 5000, 9).tolist() == whole[1200:1300].tolist()
     assert [permute([i], 5000, 9)[0] for i in (0, 4999)] == [whole[0], whole[4999]]
-    # one domain and key per position (what the block shuffle uses)
-    mixed = permute(np.array([3, 3]), np.array([10, 5000]), np.array([1, 9]))
-    assert mixed.tolist() == [permute([3], 10, 1)[0], whole[3]]
+    # one domain and key per group of positions (what the block shuffle uses)
+    mixed = Bijections([10, 5000], [1, 9])(np.array([3, 3, 4999]), np.array([0, 1, 1]))
+    assert mixed.tolist() == [permute([3], 10, 1)[0], whole[3], whole[4999]]
 
 
 def test_order_is_a_pure_function_of_seed_and_epoch():
