@@ -5,7 +5,10 @@
 For each size, writes (once, under ``--data``) a Parquet table of ``path`` and ``label`` (50
 classes, 100,000 rows per row group). Then for each plan (``fixed``: ``.batch``; ``stratified``:
 ``.stratify("label")``) and world size (1, and 8 ranks simulated in one process, global batch
-256 in both), a fresh child process builds ``Flow.table(...).shuffle(seed=0)`` and measures:
+256 in both), a fresh child process builds ``Flow.table(...).shuffle(seed=0)`` and measures the
+cases below. The ``manifest`` plan reads an Arrow file manifest (``path``, ``size``, ``mtime``,
+as ``flows manifest`` writes) of the same size instead, memory-mapped, with fixed batches and
+2 process workers (world size 1 only); its RSS adds the workers' peak.
 
 - **first batch**: from building the flow to every rank's first batch;
 - **restore**: from building a fresh flow to every rank's first batch after loading a state at
@@ -56,6 +59,22 @@ def make_table(path: Path, rows: int) -> None:
     partial.rename(path)
 
 
+def make_manifest(path: Path, rows: int) -> None:
+    """An Arrow IPC file manifest of ``rows`` files, written in record batches."""
+    from flows.manifest import SCHEMA
+
+    if path.exists():
+        return
+    partial = path.with_suffix(".partial")
+    with pa.ipc.new_file(partial, SCHEMA) as writer:
+        for start in range(0, rows, 1_000_000):
+            ids = np.arange(start, min(rows, start + 1_000_000))
+            paths = pc.binary_join_element_wise("/data/clips/", pa.array(ids).cast(pa.string()), ".wav", "")
+            writer.write_batch(pa.record_batch([paths.cast(pa.large_string()), pa.array(ids % 50_000),
+                                                pa.array(np.full(len(ids), 1.7e9))], schema=SCHEMA))
+    partial.rename(path)
+
+
 def _seek(state: Any, batch: int) -> None:
     """Move the sampler position(s) inside a loader state to global batch ``batch``."""
     if isinstance(state, dict):
@@ -74,8 +93,12 @@ def measure(table: str, plan: str, world: int) -> dict[str, float]:
     from flows import Flow
 
     def loaders() -> list[Any]:
-        flow = Flow.table(table, columns=["path", "label"]).shuffle(seed=0)
         size = GLOBAL_BATCH // world
+        if plan == "manifest":
+            flow = Flow.table(table).shuffle(seed=0).batch(size)
+            return [flow.loader(num_workers=2, method="process", rank=r, world_size=world, prefetch=0)
+                    for r in range(world)]
+        flow = Flow.table(table, columns=["path", "label"]).shuffle(seed=0)
         flow = flow.batch(size) if plan == "fixed" else flow.stratify("label", size)
         return [flow.loader(rank=r, world_size=world, prefetch=0) for r in range(world)]
 
@@ -86,6 +109,8 @@ def measure(table: str, plan: str, world: int) -> dict[str, float]:
     assert all(len(b["path"]) == GLOBAL_BATCH // world for b in firsts)
     state = built[0].state_dict()
     _seek(state, int(0.9 * len(built[0])))
+    for ld in built:
+        getattr(ld, "close", lambda: None)()
     del built, firsts
 
     start = time.perf_counter()
@@ -94,7 +119,10 @@ def measure(table: str, plan: str, world: int) -> dict[str, float]:
         ld.load_state_dict(state)
         next(iter(ld))
     restore = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    for ld in resumed:
+        getattr(ld, "close", lambda: None)()
+    rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+           + 2 * resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20
     return {"first_s": round(first, 3), "restore_s": round(restore, 3), "rss_gb": round(rss, 3)}
 
 
@@ -117,7 +145,7 @@ def run_child(table: Path, plan: str, world: int, max_gb: float, timeout: float)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000, 100_000_000])
-    parser.add_argument("--plans", nargs="+", default=["fixed", "stratified"])
+    parser.add_argument("--plans", nargs="+", default=["fixed", "stratified", "manifest"])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--data", default="/tmp/flows-growth")
     parser.add_argument("--max-gb", type=float, default=16.0, help="address-space limit per child")
@@ -136,11 +164,14 @@ def main() -> None:
         table = Path(args.data) / f"rows{rows}.parquet"
         started = time.perf_counter()
         make_table(table, rows)
-        print(f"<!-- {rows} rows: table ready in {time.perf_counter() - started:.0f} s -->", flush=True)
+        if "manifest" in args.plans:
+            make_manifest(table.with_suffix(".arrow"), rows)
+        print(f"<!-- {rows} rows: data ready in {time.perf_counter() - started:.0f} s -->", flush=True)
         for plan in args.plans:
-            for world in args.worlds:
+            for world in args.worlds if plan != "manifest" else [1]:
+                path = table.with_suffix(".arrow") if plan == "manifest" else table
                 result = {"rows": rows, "plan": plan, "world": world,
-                          **run_child(table, plan, world, args.max_gb, args.timeout)}
+                          **run_child(path, plan, world, args.max_gb, args.timeout)}
                 results.append(result)
                 cells = ([result["error"], "", ""] if "error" in result else
                          [result["first_s"], result["restore_s"], result["rss_gb"]])

@@ -269,17 +269,22 @@ class StratifiedBatches(Plan):
         indices = np.asarray(order)
         classes = source.codes(self.label)[indices]
         count = int(classes.max()) + 1 if len(classes) else 0
-        turn = np.empty(count, dtype=np.int64)
-        turn[rng(seed, epoch, "stratify").permutation(count)] = np.arange(count)
-        # the r-th sample of each class comes in round r, in its class's turn
-        by_class = np.argsort(classes, kind="stable")
         sizes = np.bincount(classes, minlength=count)
-        rank = np.empty(len(indices), dtype=np.int64)
-        rank[by_class] = np.arange(len(indices)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        del by_class
-        rank *= count
-        rank += turn[classes]
-        picked = _compact(indices[np.argsort(rank, kind="stable")], len(source))
+        # round r holds the r-th sample of every class with more than r samples, classes taking
+        # turns: before it come all the samples of rounds < r (`earlier`), then those of round r
+        # from the classes whose turn comes first
+        rounds = np.sort(sizes)
+        earlier = np.concatenate([[0], np.cumsum(count - np.searchsorted(rounds, np.arange(rounds[-1]),
+                                                                          side="right"))])
+        members = np.argsort(classes.astype(np.int16) if count < 2**15 else classes, kind="stable")
+        firsts = np.cumsum(sizes) - sizes
+        picked = np.empty(len(indices), dtype=np.int32 if len(source) < 2**31 else np.int64)
+        before: np.ndarray = np.zeros(0, np.int64)  # sizes of the classes whose turn came, sorted
+        for c in rng(seed, epoch, "stratify").permutation(count):
+            r = np.arange(sizes[c])
+            alive_before = len(before) - np.searchsorted(before, r, side="right")
+            picked[earlier[r] + alive_before] = indices[members[firsts[c] : firsts[c] + sizes[c]]]
+            before = np.insert(before, np.searchsorted(before, sizes[c]), sizes[c])
         return Chunks(picked, self.size, self.drop_last)
 
 

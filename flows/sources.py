@@ -297,8 +297,8 @@ class Table(Source):
             self._parquet = pq.ParquetFile(handle, pre_buffer=True)
         return self._parquet
 
-    def _group(self, group: int) -> list[dict]:
-        return self._file().read_row_group(group, columns=self.columns).to_pylist()
+    def _group(self, group: int) -> Columns:
+        return Columns(self._file().read_row_group(group, columns=self.columns))
 
     def _parquet_filter(self, where: Where, columns: list[str]) -> np.ndarray | None:
         """Row numbers kept by ``where``, reading only its columns (all selected ones for a callable)."""
@@ -323,7 +323,7 @@ class Table(Source):
         row = self._row(index)
         if self.kind == "parquet":
             group = int(np.searchsorted(self._starts, row, side="right") - 1)
-            record = dict(self._read_group(group)[row - int(self._starts[group])])
+            record = self._read_group(group)[row - int(self._starts[group])]
         else:
             record = self._table[row]
         if self.path_column is not None:
