@@ -40,6 +40,15 @@ def test_permute_is_a_bijection_for_every_key(n):
         assert orders[0].tolist() != orders[1].tolist() != orders[2].tolist()
 
 
+def test_permute_looks_uniform():
+    """Over keys, the first element is uniform; within one permutation, neighbours are unrelated."""
+    firsts = np.bincount([permute([0], 10, k)[0] for k in range(2000)], minlength=10)
+    assert firsts.min() > 150 and firsts.max() < 250  # 200 expected each
+    order = permute(np.arange(100_000), 100_000, 7)
+    assert np.sum(np.abs(np.diff(order)) == 1) < 10  # about 2 expected
+    assert abs(np.corrcoef(np.arange(100_000), order)[0, 1]) < 0.02
+
+
 def test_permute_of_a_slice_is_the_slice_of_the_whole_and_per_position_domains():
     whole = permute(np.arange(5000), 5000, 9)
     assert permute(np.arange(1200, 1300), 5000, 9).tolist() == whole[1200:1300].tolist()
