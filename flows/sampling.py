@@ -32,6 +32,7 @@ from flows.sources import Source
 
 _CHUNK = 1 << 22  # positions evaluated at once when a whole epoch's order is needed
 _ROUNDS = 4
+_LARGE_WINDOW = 4096  # mean window size above which a whole epoch is evaluated window by window
 
 
 def rng(*words: int | str) -> np.random.Generator:
@@ -116,7 +117,8 @@ def _compact(indices: np.ndarray, n: int) -> np.ndarray:
 
 class EpochOrder:
     """One epoch's order: ``order[positions]`` gives the source indices at those positions
-    (a slice or an array), computed on demand; ``np.asarray(order)`` evaluates the whole epoch.
+    (a slice or an array), computed on demand; ``np.asarray(order)`` evaluates the whole epoch
+    (4 bytes per sample below 2**31 samples).
 
     State is O(1), or O(blocks) for a block shuffle: nothing per sample is stored."""
 
@@ -124,7 +126,7 @@ class EpochOrder:
                  window: int = 4):
         self.n, self.seed = n, seed
         self._key = key(seed, epoch, "order") if seed is not None else 0
-        self._blocks = None
+        self._blocks: np.ndarray | None = None
         if seed is not None and blocks is not None:
             count = len(blocks) - 1
             self._blocks = blocks
@@ -133,8 +135,8 @@ class EpochOrder:
             self._shuffled_starts = np.concatenate([[0], np.cumsum(sizes)])
             self._windows = self._shuffled_starts[np.r_[0:count:window, count]]
             windows = np.arange(len(self._windows) - 1, dtype=np.uint64)
-            self._inside = Bijections(np.diff(self._windows),
-                                      _mix(np.uint64(self._key) ^ _mix(windows + np.uint64(1))))
+            self._window_keys = _mix(np.uint64(self._key) ^ _mix(windows + np.uint64(1)))
+            self._inside = Bijections(np.diff(self._windows), self._window_keys)
 
     def __len__(self) -> int:
         return self.n
@@ -148,13 +150,27 @@ class EpochOrder:
         # the block shuffle: windows of shuffled blocks, rows shuffled within each window
         w = np.searchsorted(self._windows, p, side="right") - 1
         start = self._windows[w]
-        q = start + self._inside(p - start, w)  # position in the concatenation of the shuffled blocks
+        return self._rows(start + self._inside(p - start, w))
+
+    def _rows(self, q: np.ndarray) -> np.ndarray:
+        """Source indices at positions ``q`` of the concatenation of the shuffled blocks."""
+        assert self._blocks is not None
         b = np.searchsorted(self._shuffled_starts, q, side="right") - 1
         return self._blocks[self._block_order[b]] + (q - self._shuffled_starts[b])
 
+    def _window(self, w: int) -> np.ndarray:
+        """The whole of window ``w``, its parameters shared by all its positions."""
+        start, stop = int(self._windows[w]), int(self._windows[w + 1])
+        return self._rows(start + Bijections([stop - start], self._window_keys[w : w + 1])(
+            np.arange(stop - start)))
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        whole = np.concatenate([self[start : start + _CHUNK] for start in range(0, self.n, _CHUNK)]
-                               or [np.zeros(0, np.int64)])
+        windows = len(self._windows) - 1 if self._blocks is not None else 0
+        if windows and self.n >= _LARGE_WINDOW * windows:  # window by window: no per-position keys
+            parts = [self._window(w) for w in range(windows)]
+        else:
+            parts = [self[start : start + _CHUNK] for start in range(0, self.n, _CHUNK)]
+        whole = np.concatenate([_compact(part, self.n) for part in parts] or [np.zeros(0, np.int32)])
         return whole if dtype is None else whole.astype(dtype)
 
 

@@ -245,6 +245,7 @@ class Table(Source):
                      "arrow" if suffix.endswith(ARROW_EXTENSIONS) else "csv")
         self._parquet: pq.ParquetFile | None = None
         self._rows: np.ndarray | None = None  # rows kept by `where` (None: all)
+        self._codes: dict[str, np.ndarray] = {}  # class codes read once (4 bytes per row)
         if self.kind == "parquet":
             schema = self._file().schema_arrow.names
         elif self.kind == "arrow":
@@ -276,7 +277,7 @@ class Table(Source):
 
     def __getstate__(self) -> dict:  # row-group readers and memory maps are reopened where used
         state = self.__dict__.copy()
-        state.update(_parquet=None, _read_group=None)
+        state.update(_parquet=None, _read_group=None, _codes={})
         if self.kind == "arrow":
             state["_table"] = None
         return state
@@ -343,12 +344,17 @@ class Table(Source):
         return self._kept(self._file().read(columns=[name]).column(name).to_numpy(zero_copy_only=False))
 
     def codes(self, name: str) -> np.ndarray:
+        """Read once, one row group at a time, and kept: a new epoch or a restore reads nothing."""
         _check_columns(self.url, [name], self.columns)
-        if self.kind != "parquet":
-            return self._kept(self._table.codes(name))
-        groups = range(len(self._starts) - 1)
-        return self._kept(_codes(self._file().read_row_group(g, columns=[name]).column(0).combine_chunks()
-                                 for g in groups))
+        if name not in self._codes:
+            if self.kind != "parquet":
+                self._codes[name] = self._kept(self._table.codes(name))
+            else:
+                groups = range(len(self._starts) - 1)
+                self._codes[name] = self._kept(_codes(
+                    self._file().read_row_group(g, columns=[name]).column(0).combine_chunks()
+                    for g in groups))
+        return self._codes[name]
 
     def blocks(self) -> np.ndarray | None:
         if self.kind != "parquet":
