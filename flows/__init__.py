@@ -17,12 +17,12 @@ from flows.sampling import (
     StratifiedBatches,
     splits,
 )
-from flows.sources import AUDIO_EXTENSIONS, Files, Items, Source, Subset, Table
+from flows.sources import AUDIO_EXTENSIONS, Columns, Files, Items, Source, Subset, Table
 from flows.stages import DecodeTensor, Filter, Map, ReadBytes, Stage
 from flows.stats import Report, Stats
 
 __all__ = [
-    "AUDIO_EXTENSIONS", "Apply", "Cached", "Collate", "ColumnError", "DecodeAudio", "DecodeTensor",
+    "AUDIO_EXTENSIONS", "Apply", "Cached", "Collate", "ColumnError", "Columns", "DecodeAudio", "DecodeTensor",
     "Downmix", "DurationBuckets", "EmptySourceError", "Envelope", "Files", "Filter",
     "FixedBatches", "Flow", "FlowsError", "Gather", "Items", "Loader", "Map", "Mix", "Normalize",
     "Order", "PadTrim", "Plan", "RandomCrop", "ReadBytes", "RemoteError", "Report", "Resample",

@@ -4,6 +4,7 @@
     flows inspect yesno --data-dir data/yesno                 # counts, histograms, plots
     flows bench yesno --data-dir data/yesno                   # throughput stage by stage, per-node stats
     flows demo                                                # kill a run, resume it, compare
+    flows manifest s3://bucket/clips clips.arrow              # list once; Flow.files(..., manifest=)
 
 ``train``, ``inspect`` and ``bench`` take a recipe: a registered name or ``package.module:Class``.
 Every field of the recipe's config dataclass is an option (``--data-dir``, ``--batch-size``, the
@@ -31,12 +32,14 @@ from typing import Any, Literal
 from fsspec.core import url_to_fs
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from flows import io, manifest
 from flows.demo import run_demo
 from flows.distributed import teardown
 from flows.errors import FlowsError
 from flows.inspection import bench, describe
 from flows.metrics_log import format_metrics
 from flows.recipe import REGISTRY, Recipe, RecipeConfig, get_recipe, make_config
+from flows.sources import AUDIO_EXTENSIONS
 from flows.stats import Stats
 from flows.stats import bench as stats_bench
 from flows.train import TrainConfig, train
@@ -131,6 +134,19 @@ def _parser(recipe: type[Recipe] | None) -> argparse.ArgumentParser:
                       help="workers after resuming (default: 0)")
     demo.add_argument("--workdir", help="keep the data and checkpoints here (default: a "
                       "temporary folder, removed at the end)")
+    listing = commands.add_parser("manifest", help="list the files under a URL once into an Arrow "
+                                  "manifest (path, size, mtime) to reuse: Flow.files(URL, manifest=OUT) "
+                                  "or Flow.table(OUT)")
+    listing.set_defaults(run=_manifest)
+    listing.add_argument("url", metavar="URL", help="a local directory, fsspec URL or glob")
+    listing.add_argument("out", metavar="OUT", help="the manifest file to write (.arrow)")
+    listing.add_argument("--extensions", nargs="*", default=list(AUDIO_EXTENSIONS),
+                         help="keep these extensions only; none given: every file "
+                              f"(default: {' '.join(AUDIO_EXTENSIONS)})")
+    listing.add_argument("--no-recursive", dest="recursive", action="store_false",
+                         help="only the files directly under URL")
+    listing.add_argument("--storage-options", type=_json_object, metavar="JSON",
+                         help="fsspec options for URL (credentials, endpoint)")
     return parser
 
 
@@ -263,6 +279,13 @@ def _bench(args: argparse.Namespace) -> int:
     print(report.table())
     if args.trace:
         print(f"Chrome trace: {report.save_trace(args.trace)}")
+    return 0
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    count = manifest.write(args.url, args.out, args.extensions or None, args.recursive,
+                           args.storage_options)
+    print(f"{args.out}: {count} files listed under {io.redact(args.url, args.storage_options)}")
     return 0
 
 

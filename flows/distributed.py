@@ -4,8 +4,9 @@ flows has no launcher and no communication of its own: ``torchrun`` starts the p
 sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 :func:`setup` joins the process group those describe (``gloo`` for CPU tensors, ``nccl`` for
 CUDA ones), and torch.distributed does the rest (DDP's gradient all-reduce, metric gathering,
-rank 0's file listing broadcast). :func:`flows.train.train` calls :func:`setup` itself, so a
-recipe runs unchanged under ``torchrun --nproc-per-node N``.
+the location of rank 0's file manifest, broadcast: see :mod:`flows.manifest`).
+:func:`flows.train.train` calls :func:`setup` itself, so a recipe runs unchanged under
+``torchrun --nproc-per-node N``.
 
 Data order is global: every flow cuts each epoch into *global* batches and rank ``r`` of ``W``
 takes ``batch[r::W]`` (see :mod:`flows.sampling`). The loader position counts global batches, so

@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import torch
 from torchdata.nodes import BaseNode, PinMemory, Prefetcher
 
 from flows import audio, stages
 from flows.batching import Collate
 from flows.cache import Cached
-from flows.errors import FlowsError
+from flows.errors import EmptySourceError, FlowsError
 from flows.loader import Loader
 from flows.nodes import Apply, Gather, Mix, OnError, ToDevice, Workers
 from flows.sampling import (
@@ -38,7 +40,17 @@ from flows.sampling import (
     StratifiedBatches,
     splits,
 )
-from flows.sources import AUDIO_EXTENSIONS, Files, Items, Source, Subset, Table, Where
+from flows.sources import (
+    AUDIO_EXTENSIONS,
+    ColumnData,
+    Columns,
+    Files,
+    Items,
+    Source,
+    Subset,
+    Table,
+    Where,
+)
 from flows.stats import Stats
 
 if TYPE_CHECKING:
@@ -67,21 +79,31 @@ class Flow:
     # ---- sources -------------------------------------------------------------------------
     @classmethod
     def files(cls, url: str, extensions: Sequence[str] | None = AUDIO_EXTENSIONS,
-              recursive: bool = True, storage_options: dict | None = None) -> Flow:
-        """Files under a local directory, fsspec URL or glob, listed once and sorted."""
-        return cls(Files(url, extensions, recursive, storage_options), storage_options=storage_options)
+              recursive: bool = True, storage_options: dict | None = None,
+              manifest: str | os.PathLike[str] | None = None) -> Flow:
+        """Files under a local directory, fsspec URL or glob, sorted: listed once per job (on
+        rank 0) into a memory-mapped manifest; ``manifest`` names one to reuse, or to write."""
+        return cls(Files(url, extensions, recursive, storage_options, manifest),
+                   storage_options=storage_options)
 
     @classmethod
     def table(cls, url: str, columns: Sequence[str] | None = None, where: Where = None,
               path_column: str | None = None, root: str | None = None,
               storage_options: dict | None = None) -> Flow:
-        """Rows of a CSV or Parquet table (Parquet streamed by row group)."""
+        """Rows of a CSV, Parquet or Arrow IPC table (Parquet streamed by row group, Arrow
+        memory-mapped: a file manifest works too)."""
         return cls(Table(url, columns, where, path_column, root, storage_options),
                    storage_options=storage_options)
 
     @classmethod
-    def items(cls, items: Sequence[Any]) -> Flow:
-        """An in-memory sequence of records."""
+    def items(cls, items: Sequence[Any] | ColumnData) -> Flow:
+        """In-memory records: a sequence, or columns (a mapping of equal-length arrays, a
+        ``pyarrow.Table``, a DataFrame) kept as they are, a record dict made per sample."""
+        if isinstance(items, (Mapping, pa.Table, pd.DataFrame)):
+            columns = Columns(items)
+            if not len(columns):
+                raise EmptySourceError("Flow.items got no rows")
+            return cls(columns)
         return cls(Items(items))
 
     @classmethod

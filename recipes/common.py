@@ -240,13 +240,13 @@ class Concat(Source):
     def column(self, name: str) -> np.ndarray:
         return np.concatenate([s.column(name) for s in self.sources])
 
-    def blocks(self) -> list[np.ndarray] | None:
+    def blocks(self) -> np.ndarray | None:
         inner = [s.blocks() for s in self.sources]
         if all(b is None for b in inner):
             return None
-        return [start + block
-                for start, source, parts in zip(self.starts[:-1], self.sources, inner, strict=True)
-                for block in (parts if parts is not None else [np.arange(len(source))])]
+        starts = [start + (b[:-1] if b is not None else np.zeros(1, np.int64))
+                  for start, b in zip(self.starts[:-1], inner, strict=True)]
+        return np.concatenate([*starts, self.starts[-1:]]).astype(np.int64)
 
 
 # ---- models and the recipe base class ------------------------------------------------------------------

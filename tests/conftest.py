@@ -61,3 +61,12 @@ def fault_proxy(s3_server: MotoServer) -> Iterator[Callable[..., FaultProxy]]:
     yield make
     for proxy in proxies:
         proxy.stop()
+
+
+# --------------------------------------------------------------------------- file manifests
+
+
+@pytest.fixture(autouse=True)
+def _manifest_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """File listings' manifests go to the test session's temporary folder, not ~/.cache."""
+    monkeypatch.setenv("FLOWS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "flows-cache"))

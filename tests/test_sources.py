@@ -134,7 +134,7 @@ def test_skip_count_is_kept_in_state_and_exact_after_resume():
     assert (reference.skipped, reference.filtered) == (1, 1)
     first = flow.loader(on_error="skip", num_workers=2)
     it = iter(first)
-    seen = [next(it) for _ in range(3)]
+    seen = [next(it) for _ in range(len(batches) - 1)]  # the skip and the filter may be in any batch
     resumed = flow.loader(on_error="skip")
     resumed.load_state_dict(first.state_dict())
     rest = list(resumed)
