@@ -359,6 +359,11 @@ def open_file(
     return opened
 
 
+# obstore stores (by id: they live as long as the process) whose server answers a ranged GET with
+# 200 instead of 206, which obstore refuses: their range reads go through s3fs.
+_RANGES_VIA_S3FS: set[int] = set()
+
+
 def _open_obstore(
     url: str,
     store: Any,
@@ -373,12 +378,24 @@ def _open_obstore(
 
     def fetch(start: int, end: int) -> bytes:
         def attempt() -> bytes:
-            data = objstore.get_range(store, key, start, end)
+            if id(store) in _RANGES_VIA_S3FS:
+                fs, path = filesystem(url, storage_options)
+                data = fs.cat_file(path, start=start, end=end)
+            else:
+                data = objstore.get_range(store, key, start, end)
             if len(data) != end - start:
                 raise TruncatedReadError(f"read {len(data)} bytes of range {start}-{end - 1}")
             return data
 
-        return _with_retries(attempt, url, storage_options)
+        try:
+            return _with_retries(attempt, url, storage_options)
+        except RemoteError as error:
+            if id(store) in _RANGES_VIA_S3FS or not objstore.is_not_partial(error.__cause__):
+                raise
+            logger.warning("%s answers range requests with 200, not 206 (rclone serve s3 1.75 does): "
+                           "range reads from it go through s3fs", redact(url, storage_options))
+            _RANGES_VIA_S3FS.add(id(store))
+            return _with_retries(attempt, url, storage_options)
 
     raw = objstore.RangeFile(size, fetch, url)
     if cache_type == "none":
@@ -456,9 +473,8 @@ def _remote_error(
 
 
 def _describe(exc: BaseException) -> str:
-    """``Type: message``; obstore's multi-line messages shortened to their first paragraph."""
-    text = str(exc).split("\n\nDebug source:")[0]
-    text = " ".join(text.split())
+    """``Type: message`` on one line (obstore's long messages cleaned), at most 400 characters."""
+    text = objstore.clean_message(str(exc))
     return f"{type(exc).__name__}: {text[:400] + '...' if len(text) > 400 else text}"
 
 

@@ -9,6 +9,10 @@ The client is chosen per URL by :func:`s3_store`: obstore unless ``FLOWS_S3_CLIE
 ``storage_options={"s3_client": "s3fs", ...}`` asks for s3fs, obstore is not installed, an option
 has no obstore equivalent, or no credentials are given (options or ``AWS_ACCESS_KEY_ID``; s3fs then
 walks botocore's whole chain: profiles, SSO, instance metadata) and ``anon`` is not set.
+
+obstore's tokio runtime does not survive ``fork``: a process forked after its parent used obstore
+(process workers with the ``fork`` start method, forked ranks) would hang in its first request, so
+such a process reads through s3fs. Workers started with ``forkserver`` or ``spawn`` use obstore.
 """
 
 from __future__ import annotations
@@ -52,8 +56,9 @@ _CONFIG_KWARGS = {
     "response_checksum_validation",
 }
 
-_STORES: dict[tuple[int, str, str], Any] = {}
+_STORES: dict[tuple[str, str], Any] = {}
 _LOCK = threading.Lock()
+_RUNTIME_PID: int | None = None  # the process whose obstore runtime is live (inherited by forks)
 
 
 def client_for(storage_options: Mapping[str, Any] | None) -> str:
@@ -72,17 +77,26 @@ def s3_store(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, 
     config = _store_config(storage_options or {})
     if config is None:
         return None
+    global _RUNTIME_PID
+    if _RUNTIME_PID not in (None, os.getpid()):
+        return None  # forked from a process that used obstore: its runtime is gone here
     try:
         from obstore.store import S3Store
     except ImportError:
         return None
     bucket, _, key = url.split("://", 1)[1].partition("/")
-    cache_key = (os.getpid(), bucket, json.dumps(config, sort_keys=True))  # a fork gets its own
+    cache_key = (bucket, json.dumps(config, sort_keys=True))
     with _LOCK:
         store = _STORES.get(cache_key)
         if store is None:
             store = _STORES[cache_key] = S3Store(bucket, **config)
+        _RUNTIME_PID = os.getpid()
     return store, key
+
+
+def forked_after_use() -> bool:
+    """True in a process forked from one that used obstore (which then reads through s3fs)."""
+    return _RUNTIME_PID not in (None, os.getpid())
 
 
 def _store_config(options: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -259,6 +273,27 @@ def is_forbidden(exc: BaseException) -> bool:
 def is_transient(exc: BaseException) -> bool:
     """A connection, timeout or cut-body error of obstore (statuses are classified by flows.io)."""
     return is_error(exc) and bool(_TRANSIENT.search(str(exc)))
+
+
+_XML_ERROR = re.compile(r"<\?xml.*?</Error>", re.S)
+_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
+_ELAPSED = re.compile(r" in [0-9.]+[µnm]?s\b")
+
+
+def clean_message(text: str) -> str:
+    """An obstore message on one line: no debug dump, no timing, an S3 XML body as code: message."""
+
+    def brief(xml: re.Match[str]) -> str:
+        found = (_CODE.search(xml.group()), _MESSAGE.search(xml.group()))
+        return ": ".join(m.group(1) for m in found if m)
+
+    text = _XML_ERROR.sub(brief, text.split("\n\nDebug source:")[0])
+    return " ".join(_ELAPSED.sub("", text).split())
+
+
+def is_not_partial(exc: BaseException | None) -> bool:
+    """obstore refused a ``200`` answer to a ranged GET (the server ignored or misreported Range)."""
+    return exc is not None and is_error(exc) and "non-partial response" in str(exc)
 
 
 def status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
