@@ -19,6 +19,7 @@ from tests.s3server import (
     MotoServer,
     RcloneServer,
     create_bucket,
+    rclone_binary,
 )
 
 # Fake credentials the credential tests use; rclone checks keys, so it accepts these pairs too.
@@ -52,6 +53,10 @@ def s3_server(dummy_aws_env: None) -> Iterator[MotoServer]:
 @pytest.fixture(scope="session")
 def rclone_server(dummy_aws_env: None) -> Iterator[RcloneServer]:
     """``rclone serve s3`` in a subprocess on 127.0.0.1, for the whole session."""
+    try:
+        rclone_binary()
+    except RuntimeError as error:
+        pytest.skip(str(error))
     with RcloneServer(auth_keys=[(DUMMY_KEY, DUMMY_SECRET), *LEAK_CREDENTIALS]) as server:
         yield server
 
@@ -77,6 +82,8 @@ def rclone_bucket(rclone_server: RcloneServer) -> str:
 @pytest.fixture(params=["obstore", "s3fs"])
 def s3_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The S3 client flows.io uses in this test (``FLOWS_S3_CLIENT``; worker processes inherit it)."""
+    if request.param == "obstore":
+        pytest.importorskip("obstore", reason="obstore is in the dev extra")
     monkeypatch.setenv(CLIENT_ENV_VAR, request.param)
     return str(request.param)
 

@@ -192,6 +192,8 @@ class RcloneServer(_ServerProcess):
     object's CRC32 against the part unless ``response_checksum_validation="when_required"``),
     listing ETags are unquoted, ``If-Match`` is not enforced, and very short access keys are
     rejected. Every pair of ``auth_keys`` is accepted (fake keys need their own pair).
+    ``root`` is the directory served (a temporary one, removed at the end, when None); files put
+    there before the start are objects (later, rclone's directory cache may hide them a while).
     """
 
     name = "rclone"
@@ -202,10 +204,12 @@ class RcloneServer(_ServerProcess):
         host: str = "127.0.0.1",
         startup_timeout: float = 30.0,
         auth_keys: Iterable[tuple[str, str]] = ((DUMMY_KEY, DUMMY_SECRET),),
+        root: str | os.PathLike[str] | None = None,
     ):
         super().__init__(host, startup_timeout)
         self.auth_keys = list(auth_keys)
-        self.root = ""
+        self.root = os.fspath(root) if root is not None else ""
+        self._own_root = root is None
 
     def command(self) -> list[str]:
         if not self.root:
@@ -215,7 +219,7 @@ class RcloneServer(_ServerProcess):
 
     def stop(self) -> None:
         super().stop()
-        if self.root:
+        if self.root and self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = ""
 
