@@ -1,7 +1,7 @@
 """Throughput from S3 against local disk, same dataset, one run: ``rclone serve s3`` (Go) and moto
 (Python) on loopback, each read through flows' two S3 clients (obstore, the default, and s3fs).
 
-    .venv/bin/python benchmarks/s3_vs_local.py --clips 200 --workers 4 8 --tiny 10000
+    .venv/bin/python benchmarks/s3_vs_local.py --clips 150 --workers 4 8 --repeats 3
 
 1. Writes ``--clips`` WAVs like UrbanSound8K's (1-4 s, mostly 44.1/48 kHz, mono and stereo, 16 and
    24 bit) to a temporary folder, starts ``rclone serve s3`` on it and ``python -m moto.server``
@@ -121,8 +121,10 @@ def with_client(options: dict[str, Any], client: str) -> dict[str, Any]:
     return {**options, CLIENT_OPTION: client}
 
 
-def throughput(local: Path, targets: dict[str, tuple[Server, str]], workers: list[int]) -> None:
-    """One epoch per (source, client, workers); the table and the best-config ratios."""
+def throughput(local: Path, targets: dict[str, tuple[Server, str]], workers: list[int],
+               repeats: int) -> None:
+    """One epoch per (source, client, workers), ``repeats`` rounds (every configuration once per
+    round, so that the load of a shared machine hits all alike); medians, and the best configs."""
     def samples(flow: Flow, count: int) -> Callable[[], int]:
         return lambda: sum(len(batch["audio"]) for batch in flow.loader(num_workers=count))
 
@@ -134,20 +136,25 @@ def throughput(local: Path, targets: dict[str, tuple[Server, str]], workers: lis
                             with_client(server.storage_options(), client)))
     for _, _, server, url, options in configs:  # warm up: imports, connections, page cache
         measured(samples(audio_flow(url, options), workers[0]), server)
-    print("| source | client | threads | samples/s | client CPU ms/sample | server CPU ms/sample |")
-    print("|---|---|---:|---:|---:|---:|")
+    runs: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
+    for _ in range(repeats):
+        for count in workers:
+            for source, client, server, url, options in configs:
+                seconds, n, cpu, served = measured(samples(audio_flow(url, options), count), server)
+                runs.setdefault((source, client, count), []).append(
+                    (n / seconds, 1000 * cpu / n, 1000 * served / n))
+    print("| source | client | threads | samples/s | client CPU ms/sample | server CPU ms/sample |\n"
+          "|---|---|---:|---:|---:|---:|")
     best: dict[tuple[str, str], tuple[float, int, float]] = {}
-    for count in workers:
-        for source, client, server, url, options in configs:
-            seconds, n, cpu, served = measured(samples(audio_flow(url, options), count), server)
-            rate, cpu_ms = n / seconds, 1000 * cpu / n
-            print(f"| {source} | {client} | {count} | {rate:.0f} | {cpu_ms:.2f} | "
-                  f"{1000 * served / n:.2f} |")
-            best[source, client] = max(best.get((source, client), (0.0, 0, 0.0)), (rate, count, cpu_ms))
+    for (source, client, count), values in runs.items():
+        rate, cpu_ms, served_ms = (float(np.median(column)) for column in zip(*values, strict=True))
+        print(f"| {source} | {client} | {count} | {rate:.0f} | {cpu_ms:.2f} | {served_ms:.2f} |")
+        old_rate, old_count, old_cpu = best.get((source, client), (0.0, 0, float("inf")))
+        best[source, client] = max((rate, count), (old_rate, old_count)) + (min(cpu_ms, old_cpu),)
     local_rate, local_count, local_cpu = best["local", "-"]
-    print(f"\nBest local: {local_rate:.0f} samples/s ({local_count} threads), client CPU "
-          f"{local_cpu:.2f} ms/sample.\n")
-    print("| server | client | best S3 / best local | client CPU local / S3 (best configs) |")
+    print(f"\nMedians of {repeats} rounds. Best local: {local_rate:.0f} samples/s ({local_count} "
+          f"threads); lowest client CPU {local_cpu:.2f} ms/sample.\n")
+    print("| server | client | best S3 config / best local config | client CPU per sample, local / S3 |")
     print("|---|---|---:|---:|")
     for (source, client), (rate, count, cpu_ms) in best.items():
         if source != "local":
@@ -238,20 +245,23 @@ def time_to_first_batch(root: Path, targets: dict[str, tuple[Server, str]], coun
     blob = tiny_wav()
     fs.pipe({f"{bucket.removeprefix('s3://')}/{n}": blob for n in tiny_names(moto_count)}, batch_size=64)
     print(f"{moto_count} tiny files uploaded to moto in {time.perf_counter() - started:.1f} s")
-    print(f"\n| tiny files | source | client | list + build the flow | then first batch of {BATCH} | "
-          "flows' listing overhead per object over obstore's (best of 3) |")
-    print("|---:|---|---|---:|---:|---:|")
+    print(f"\n| tiny files | source | client | list + build the flow (server CPU) | then first batch "
+          f"of {BATCH} | obstore's own listing, best of 3 | flows' overhead per object over it |")
+    print("|---:|---|---|---:|---:|---:|---:|")
     runs: list[tuple[str, str, str, dict | None]] = [("local", "-", str(root / "tiny"), None)]
     runs += [(name, client, f"{bucket}/tiny", with_client(server.storage_options(), client))
              for name, (server, bucket) in targets.items() for client in CLIENTS]
+    servers = {name: server for name, (server, _) in targets.items()}
     for source, client, url, opts in runs:
+        served = server_cpu(servers[source]) if source in servers else 0.0
         started = time.perf_counter()
         flow = Flow.files(url, extensions=[".wav"], storage_options=opts).read().decode_audio()
         loader = flow.batch(BATCH).loader(num_workers=8)
         built = time.perf_counter()
+        served = server_cpu(servers[source]) - served if source in servers else 0.0
         next(iter(loader))
         first = time.perf_counter()
-        overhead = ""
+        overhead = raw_listing = ""
         if client == "obstore":
             import obstore
 
@@ -261,15 +271,17 @@ def time_to_first_batch(root: Path, targets: dict[str, tuple[Server, str]], coun
                 s, "tiny/", chunk_size=1000, return_arrow=True)])
             ours = best_of(3, lambda u=url, o=opts: fio.list_files_with_sizes(u, [".wav"], storage_options=o))
             overhead = f"{1000 * (ours - raw) / len(flow.source):.3f} ms"  # type: ignore[arg-type]
-        print(f"| {len(flow.source)} | {source} | {client} | {built - started:.2f} s | "  # type: ignore[arg-type]
-              f"{first - built:.2f} s | {overhead} |")
+            raw_listing = f"{raw:.2f} s"
+        print(f"| {len(flow.source)} | {source} | {client} | {built - started:.2f} s ({served:.2f} s) | "  # type: ignore[arg-type]
+              f"{first - built:.2f} s | {raw_listing} | {overhead} |")
     print()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clips", type=int, default=200, help="audio clips in the throughput test")
+    parser.add_argument("--clips", type=int, default=150, help="audio clips in the throughput test")
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the throughput table")
     parser.add_argument("--gets", type=int, default=300, help="sequential GETs per client")
     parser.add_argument("--tiny", type=int, default=10_000, help="tiny files in the first-batch test")
     parser.add_argument("--tiny-moto", type=int, default=2_000, help="of them, uploaded to moto too")
@@ -293,7 +305,7 @@ def main() -> None:
             load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
             print(f"{args.clips} clips, {size / 2**20:.1f} MiB, written and uploaded to rclone and moto "
                   f"in {time.perf_counter() - started:.1f} s; {os.cpu_count()} CPUs, load average {load}\n")
-            throughput(local, targets, args.workers)
+            throughput(local, targets, args.workers, args.repeats)
             per_get(targets, local, args.gets)
             time_to_first_batch(Path(tmp), targets, args.tiny, min(args.tiny, args.tiny_moto))
 

@@ -372,9 +372,7 @@ def _open_obstore(
     block_size: int,
     cache_type: str,
 ) -> IO[bytes]:
-    size = _KNOWN_SIZES.get(url)
-    if size is None:
-        size = _with_retries(lambda: objstore.head_size(store, key), url, storage_options)
+    size = _with_retries(lambda: objstore.head_size(store, key), url, storage_options)  # fresh
 
     def fetch(start: int, end: int) -> bytes:
         def attempt() -> bytes:

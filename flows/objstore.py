@@ -71,7 +71,7 @@ def client_for(storage_options: Mapping[str, Any] | None) -> str:
 
 def s3_store(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str] | None:
     """``(store, key)`` for an ``s3://bucket/key`` URL read through obstore, or None when s3fs
-    must serve it (see the module docstring). Stores are cached per process and options."""
+    must serve it (see the module docstring). Stores are cached per options (credentials too)."""
     if "::" in url or not url.startswith(("s3://", "s3a://")) or client_for(storage_options) != "obstore":
         return None
     config = _store_config(storage_options or {})
@@ -111,16 +111,20 @@ def _store_config(options: Mapping[str, Any]) -> dict[str, Any] | None:
         or set(config_kwargs) - _CONFIG_KWARGS
     ):
         return None
-    anon = bool(options.get("anon"))
-    if not anon and not (options.get("key") or os.environ.get("AWS_ACCESS_KEY_ID")):
-        return None
     config: dict[str, Any] = {}
-    if anon:
+    if options.get("anon"):
         config["skip_signature"] = True
-    credentials = (("key", "access_key_id"), ("secret", "secret_access_key"), ("token", "session_token"))
-    for ours, theirs in credentials:
-        if options.get(ours):
-            config[theirs] = options[ours]
+    elif options.get("key"):
+        if not options.get("token") and os.environ.get("AWS_SESSION_TOKEN"):
+            return None  # obstore would add the environment's token to these keys; botocore does not
+        config.update(access_key_id=options["key"], secret_access_key=options.get("secret"))
+        config.update({"session_token": options["token"]} if options.get("token") else {})
+    elif os.environ.get("AWS_ACCESS_KEY_ID"):  # explicit, so that the cache key sees them
+        names = {"access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+                 "session_token": "AWS_SESSION_TOKEN"}
+        config.update({name: os.environ[v] for name, v in names.items() if os.environ.get(v)})
+    else:
+        return None  # profiles, SSO, instance roles: botocore's credential chain
     endpoint = options.get("endpoint_url") or client_kwargs.get("endpoint_url")
     endpoint = endpoint or next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
     region = client_kwargs.get("region_name") or os.environ.get("AWS_REGION") or os.environ.get(
