@@ -188,6 +188,32 @@ def test_read_bytes_s3(s3_target):
         assert f.read() == data[1010:]
 
 
+def test_s3_client_chosen_by_option_and_fallback(fault_proxy, s3_prefix, s3_options, monkeypatch):
+    """obstore by default; s3fs when asked (option or environment) or when an option has no obstore
+    equivalent. They differ on the wire: s3fs reads a whole object with a ranged GET."""
+    monkeypatch.delenv("FLOWS_S3_CLIENT")
+    url, data = f"{s3_prefix}/which.bin", os.urandom(1000)
+    _put(url, data, s3_options)
+    proxy = fault_proxy(rate=0.0)
+    cases = {
+        "default": ({}, False),
+        "asked": ({"s3_client": "s3fs"}, True),
+        "no obstore equivalent": ({"version_aware": False}, True),
+        "obstore asked": ({"s3_client": "obstore"}, False),
+    }
+    for name, (extra, ranged) in cases.items():
+        proxy.reset_counts()
+        assert fio.read_bytes(url, {**proxy.storage_options(), **extra}) == data, name
+        gets = [r for r in proxy.requests if r["method"] == "GET"]
+        assert len(gets) == 1 and bool(gets[0]["range"]) == ranged, (name, gets)
+    monkeypatch.setenv("FLOWS_S3_CLIENT", "s3fs")
+    proxy.reset_counts()
+    assert fio.read_bytes(url, proxy.storage_options()) == data
+    assert [bool(r["range"]) for r in proxy.requests if r["method"] == "GET"] == [True]
+    with pytest.raises(ValueError, match="unknown S3 client 'boto'"):
+        fio.read_bytes(url, {**proxy.storage_options(), "s3_client": "boto"})
+
+
 @pytest.mark.parametrize("variable", ["FLOWS_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"])
 def test_s3_endpoint_from_environment(variable, s3_server, s3_prefix, monkeypatch):
     _put(f"{s3_prefix}/env.bin", b"from env", s3_server.storage_options())
