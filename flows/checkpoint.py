@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from flows.errors import FlowsError
+from flows import io as flows_io
+from flows.errors import FlowsError, RemoteError
 
 __all__ = ["CheckpointManager", "CheckpointWarning", "capture_rng", "restore_rng"]
 
@@ -193,7 +193,7 @@ class CheckpointManager:
         self.directory = directory
         self.keep = keep
         self.storage_options = dict(storage_options or {})
-        self.fs, root = url_to_fs(directory, **self.storage_options)
+        self.fs, root = flows_io.filesystem(directory, self.storage_options)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root: str = os.path.normpath(root) if self.local else root.rstrip("/")
         self._written: dict[tuple[str, Any], bool] = {}  # (path, size) -> written by a manager
@@ -250,12 +250,11 @@ class CheckpointManager:
 
     def load(self, url: str, map_location: Any = None) -> dict[str, Any]:
         """Verify and load one checkpoint; raise FlowsError naming the file if it is corrupt."""
-        fs, path = url_to_fs(url, **self.storage_options)
-        try:
-            data = fs.cat_file(path)
+        try:  # s3:// through obstore by default, with flows.io's retries
+            data = flows_io.read_bytes(url, self.storage_options)
         except FileNotFoundError as e:
             raise FlowsError(f"checkpoint {url} does not exist") from e
-        except OSError as e:
+        except (OSError, RemoteError) as e:
             raise FlowsError(f"checkpoint {url} cannot be read: {type(e).__name__}: {e}") from e
         return decode(data, url, map_location)
 

