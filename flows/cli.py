@@ -233,6 +233,10 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         teardown()  # the process group train() joined, if it did
     scores = format_metrics(result.metrics or result.train_metrics)
+    best = result.best
+    if best is not None:
+        scores += f"; best eval: epoch {best['epoch']} (step {best['step']}): " \
+                  f"{format_metrics(best['metrics'])}"
     if _rank() == 0:
         print(f"{recipe.name}: step {result.step}, epoch {result.epoch}: {scores} "
               f"({result.seconds:.1f} s); checkpoint {result.checkpoint}")

@@ -117,6 +117,7 @@ class TrainResult:
     resumed_from: str | None
     interrupted: str | None  # the signal that stopped training early, if one did
     seconds: float
+    best: dict[str, Any] | None = None  # the evaluation of lowest loss: {epoch, step, metrics}
 
 
 def train(recipe: Recipe, config: TrainConfig | None = None) -> TrainResult:
@@ -264,6 +265,7 @@ class _Run:
         self.running: dict[str, tuple[float, float]] = {}  # this epoch's training sums
         self.metrics: dict[str, float] = {}
         self.train_metrics: dict[str, float] = {}
+        self.best: dict[str, Any] | None = None  # the evaluation of lowest loss so far
         self.checkpoint: str | None = None
         self.resumed_from: str | None = None
         self.interrupted: str | None = None
@@ -312,7 +314,7 @@ class _Run:
             log.info("plotted %s", plot_log(self.log.path, self.config.plot))
         return TrainResult(self.model, self.step, self.epoch, self.metrics, self.train_metrics,
                            self.checkpoint, self.resumed_from, self.interrupted,
-                           time.perf_counter() - start)
+                           time.perf_counter() - start, self.best)
 
     def _reached_max_steps(self) -> bool:
         return self.config.max_steps is not None and self.step >= self.config.max_steps
@@ -454,6 +456,9 @@ class _Run:
             restore_rng(rng)
         self.metrics = finalize(self._gather_sums(sums))
         self._log("eval", self.metrics, epoch)
+        if "loss" in self.metrics and (self.best is None
+                                       or self.metrics["loss"] < self.best["metrics"]["loss"]):
+            self.best = {"epoch": epoch, "step": self.step, "metrics": self.metrics}
 
     def _gather_sums(self, sums: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         """Metric sums added over ranks."""
@@ -501,7 +506,7 @@ class _Run:
             "plans": global_plans(self.train_loader),
             "rng": rngs,
             "running": running,
-            "metrics": {"eval": self.metrics, "train": self.train_metrics},
+            "metrics": {"eval": self.metrics, "train": self.train_metrics, "best": self.best},
         }
         self.checkpoint = self.checkpoints.save(state, self.step)
         if self.world > 1:
@@ -542,6 +547,7 @@ class _Run:
         # the sums of all ranks so far: held by rank 0 alone, they are added once at epoch end
         self.running = dict(state["running"]) if self.rank == 0 else {}
         self.metrics, self.train_metrics = state["metrics"]["eval"], state["metrics"]["train"]
+        self.best = state["metrics"].get("best")
         rngs = state["rng"]
         restore_rng(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
         self.checkpoint = self.resumed_from = url

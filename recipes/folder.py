@@ -165,11 +165,11 @@ class Folder(ClassesRecipe):
                 parts[1].append(i)
             elif kept is None or value in kept:
                 parts[0].append(i)
-        for part, (option, wanted) in zip(parts, [("--train-values", c.train_values),
-                                                  ("--eval-values", c.eval_values)], strict=True):
+        for part, (flag, wanted) in zip(parts, [("--train-values", c.train_values),
+                                                ("--eval-values", c.eval_values)], strict=True):
             if not part:
                 found = shown(class_names(fields))
-                raise FlowsError(f"{self.name}: no file has a --split-by value in {option} "
+                raise FlowsError(f"{self.name}: no file has a --split-by value in {flag} "
                                  f"{wanted or 'all but --eval-values'}; the values found: {found}")
         return parts
 

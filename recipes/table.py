@@ -118,13 +118,13 @@ class TableRecipe(ClassesRecipe):
                 raise FlowsError(f"table {self.url}: --id-column {c.id_column} holds "
                                  f"{ids.dtype} values, not integers")
             pairs = pd.DataFrame({"id": ids, "label": labels}).drop_duplicates()
-            for column, other in (("id", "label"), ("label", "id")):
-                twice = pairs[pairs[column].duplicated(keep=False)].sort_values(column)
+            names = {c.id_column: "id", c.label_column: "label"}
+            for column, field in names.items():
+                twice = pairs[pairs[field].duplicated(keep=False)].sort_values(field)
                 if len(twice):
-                    row = twice.iloc[0]
-                    raise FlowsError(f"table {self.url}: {c.id_column if column == 'id' else c.label_column}"
-                                     f" {row[column]!r} goes with several "
-                                     f"{c.label_column if column == 'id' else c.id_column} values")
+                    raise FlowsError(f"table {self.url}: {column} {twice.iloc[0][field]!r} goes "
+                                     "with several values of the other column "
+                                     f"({' and '.join(names)} must match one to one)")
             index = {str(label): int(i) for i, label in zip(pairs["id"], pairs["label"], strict=True)}
         elif np.issubdtype(labels.dtype, np.integer):
             index = {str(v): int(v) for v in set(labels.tolist())}
