@@ -165,12 +165,15 @@ class Folder(ClassesRecipe):
                 parts[1].append(i)
             elif kept is None or value in kept:
                 parts[0].append(i)
-        for part, (flag, wanted) in zip(parts, [("--train-values", c.train_values),
-                                                ("--eval-values", c.eval_values)], strict=True):
-            if not part:
-                found = shown(class_names(fields))
-                raise FlowsError(f"{self.name}: no file has a --split-by value in {flag} "
-                                 f"{wanted or 'all but --eval-values'}; the values found: {found}")
+        found = shown(class_names(fields))
+        if not parts[1]:
+            raise FlowsError(f"{self.name}: no file has a --split-by value in --eval-values "
+                             f"{c.eval_values}; the values found: {found}")
+        if not parts[0]:
+            which = (f"in --train-values {c.train_values}" if c.train_values is not None
+                     else f"outside --eval-values {c.eval_values}")
+            raise FlowsError(f"{self.name}: no file has a --split-by value {which}: none is left "
+                             f"to train on; the values found: {found}")
         return parts
 
     @cached_property

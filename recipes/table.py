@@ -152,6 +152,12 @@ class TableRecipe(ClassesRecipe):
     def _column(self, name: str) -> np.ndarray:
         return self._table([name]).column(name)
 
+    @cached_property
+    def wheres(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The train and eval rows by the split or fold column (None: a seeded split), both
+        checked before either part is built."""
+        return self._where(train=True), self._where(train=False)
+
     def _where(self, train: bool) -> dict[str, Any] | None:
         """The rows of the train or eval part by the split or fold column (None: a seeded split);
         an empty part is refused, naming the values the column holds."""
@@ -181,7 +187,7 @@ class TableRecipe(ClassesRecipe):
         if c.columns is not None:
             columns = list(dict.fromkeys([*as_names(c.columns), c.label_column]))
             columns += [x for x in (c.split_column, c.fold_column) if x and x not in columns]
-        where = self._where(train)
+        where = self.wheres[0 if train else 1]
         flow = Flow.table(self.url, columns, where, c.path_column, self.root, c.storage_options)
         if where is None:
             flow = split(flow, train, c.eval_fraction, c.seed, c.folds, c.fold, c.label_column)
