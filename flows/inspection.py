@@ -298,6 +298,8 @@ def _grouped_bars(ax: Any, labels: list[str], groups: list[tuple[str, Counter, l
                   horizontal: bool = False) -> None:
     """One bar per split side by side (not stacked) for each of ``labels``; ``groups`` are
     (split, counts, the keys of ``labels`` in order)."""
+    from matplotlib.ticker import MaxNLocator
+
     width = 0.8 / len(groups)
     for g, (split, counts, keys) in enumerate(groups):
         at = [i - 0.4 + width * (g + 0.5) for i in range(len(keys))]
@@ -309,11 +311,13 @@ def _grouped_bars(ax: Any, labels: list[str], groups: list[tuple[str, Counter, l
     ticks = range(len(labels))
     if horizontal:
         ax.set_yticks(ticks, labels, fontsize="small")
-        ax.invert_yaxis()  # the first class on top
-        ax.set_ylim(len(labels) - 0.5, -0.5)
+        ax.set_ylim(len(labels) - 0.5, -0.5)  # the first class on top
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars
     else:
         ax.set_xticks(ticks, labels, rotation=45 if len(labels) > 6 else 0)
-    ax.legend(fontsize="small")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
 
 
 def _examples(probes: list[_Probe], count: int) -> list[Example]:
