@@ -402,11 +402,16 @@ class ClassesRecipe(BaseRecipe):
 
     def model(self) -> nn.Module:
         """The model; refused when the data has fewer than two classes (nothing to learn)."""
-        if len(self.classes) < 2:
-            found = f"the single class {self.classes[0]!r}" if self.classes else "no class"
+        present = self.present_classes()
+        if len(present) < 2:
+            found = f"the single class {present[0]!r}" if present else "no class"
             raise FlowsError(f"{self.name}: the data has {found}; a classifier needs at least "
                              f"two. {self.class_hint()}".strip())
         return super().model()
+
+    def present_classes(self) -> list[str]:
+        """The classes the data has (``classes`` may also name indices no sample uses)."""
+        return self.classes
 
     def class_hint(self) -> str:
         """Told to users whose data has a single class: how to give it several."""

@@ -143,6 +143,9 @@ class TableRecipe(ClassesRecipe):
             names[i] = name
         return names
 
+    def present_classes(self) -> list[str]:
+        return list(self.class_index)
+
     def class_hint(self) -> str:
         return f"Is --label-column {self.config.label_column} the column of classes?"
 

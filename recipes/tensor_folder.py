@@ -102,6 +102,9 @@ class TensorFolder(ClassesRecipe):
             return [str(i) for i in range(max(values) + 1)]
         return class_names(values)
 
+    def present_classes(self) -> list[str]:
+        return class_names(self.mapping.values())
+
     def records(self) -> list[dict[str, Any]]:
         """One ``{path, key, label}`` per file (the label mapping is read once, the tensors never)."""
         root = require(self.config.data_dir, self.data_hint, self.config.storage_options)

@@ -278,6 +278,12 @@ def test_a_tables_numeric_classes_keep_their_values_and_an_id_column_is_used(
     assert named.classes[3] == "canis" and named.classes[7] == "felis"
     batch = next(iter(named.eval_flow().loader()))
     assert batch["label"].tolist() == batch["species"].tolist()
+    meta.assign(species=3).to_csv(table_data / "meta" / "one.csv", index=False)
+    code, _, err = run(capsys, "train", "table", *common[:-2], "--label-column", "species",
+                       "--table", "meta/one.csv", "--checkpoint-dir", str(tmp_path / "run"))
+    assert code == 1  # one numeric class: refused although it is index 3 of 4
+    one_line(err, "table: the data has the single class '3'; a classifier needs at least two. Is "
+                  "--label-column species the column of classes?")
     meta.loc[0, "species"] = 5  # a felis with another id
     meta.to_csv(table_data / "meta" / "clips.csv", index=False)
     code, _, err = run(capsys, "train", "table", *common[:-2], "--label-column", "name",
