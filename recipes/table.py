@@ -200,8 +200,10 @@ class TableRecipe(ClassesRecipe):
     def sample_rate(self) -> int:
         """``config.sample_rate``, else the files' own rate when they share one."""
         c = self.config
+        if c.sample_rate:
+            return c.sample_rate
         every = Table(self.url, [c.path_column], None, c.path_column, self.root, c.storage_options)
-        return c.sample_rate or native_rate(every, c.storage_options)
+        return native_rate(every, c.storage_options)
 
     def part(self, train: bool) -> Flow:
         c = self.config
