@@ -252,6 +252,10 @@ def _train(args: argparse.Namespace) -> int:
     skipped = result.skipped
     skips = (f"; skipped {skipped['train']} training samples in all, {skipped['eval']} in the "
              f"last evaluation" if options.get("on_error") == "skip" else "")
+    best = result.best
+    if best is not None:
+        scores += f"; best eval: epoch {best['epoch']} (step {best['step']}): " \
+                  f"{format_metrics(best['metrics'])}"
     if _rank() == 0:
         print(f"{recipe.name}: step {result.step}, epoch {result.epoch}: {scores} "
               f"({result.seconds:.1f} s){skips}; checkpoint {result.checkpoint}")

@@ -11,6 +11,8 @@ Each run is a real ``python -m flows train`` subprocess.
 
 from __future__ import annotations
 
+import functools
+import json
 import shutil
 import signal
 import subprocess
@@ -46,9 +48,11 @@ class DemoResult:
 
 def run_demo(workdir: str | Path | None = None, recipe: str = "yesno", epochs: int = 3,
              kill_at: int | None = None, workers: int = 2, resume_workers: int = 0,
-             echo: Callable[[str], Any] = print) -> DemoResult:
+             echo: Callable[[str], Any] | None = None) -> DemoResult:
     """Run the demo (see the module docstring) in ``workdir`` (default: a temporary folder,
-    removed afterwards), printing each phase with ``echo``."""
+    removed afterwards), printing each phase and the runs' progress with ``echo`` (default:
+    print, flushed at once)."""
+    echo = echo or functools.partial(print, flush=True)
     start = time.perf_counter()
     root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="flows-demo-"))
     try:
@@ -90,13 +94,19 @@ def _demo(root: Path, name: str, epochs: int, kill_at: int | None, workers: int,
             return subprocess.Popen([*command, "--checkpoint-dir", str(root / run_dir), *options],
                                     stdout=out, stderr=subprocess.STDOUT)
 
+    echo(f"  training   the reference ({total} steps) and the run to kill at step {kill_at}, "
+         "side by side (two subprocesses) ...")
     tick = time.perf_counter()
     reference = run("reference", "reference.log", "--num-workers", str(workers))
     try:
         killed = run("interrupted", "interrupted.log", "--num-workers", str(workers),
                      "--stop-after-steps", str(kill_at), "--stop-signal", "SIGKILL")
+        progress = _progress(root, {"reference": ("reference", total),
+                                         "run to kill": ("interrupted", kill_at)}, tick)
+        _watch(killed, progress, echo)
         _wait(killed, root / "interrupted.log", -signal.SIGKILL)
         seconds["interrupted"] = time.perf_counter() - tick
+        _watch(reference, progress, echo)
         _wait(reference, root / "reference.log", 0)
         seconds["reference"] = time.perf_counter() - tick
     finally:
@@ -110,9 +120,11 @@ def _demo(root: Path, name: str, epochs: int, kill_at: int | None, workers: int,
          f"step {(kill_at - 1) % per_epoch + 1} of {per_epoch}); newest checkpoint: step {newest['step']} "
          f"({seconds['interrupted']:.1f} s, side by side with the reference)")
 
+    echo(f"  resuming   from step {newest['step']} with {resume_workers} workers ...")
     tick = time.perf_counter()
-    _wait(run("interrupted", "resumed.log", "--num-workers", str(resume_workers), "--resume"),
-          root / "resumed.log", 0)
+    resumed = run("interrupted", "resumed.log", "--num-workers", str(resume_workers), "--resume")
+    _watch(resumed, _progress(root, {"resumed run": ("interrupted", total)}, tick), echo)
+    _wait(resumed, root / "resumed.log", 0)
     seconds["resumed"] = time.perf_counter() - tick
     final, expected = _newest(root / "interrupted"), _newest(root / "reference")
     echo(f"  resumed    from step {newest['step']} with {resume_workers} workers, ran to step "
@@ -130,6 +142,45 @@ def _demo(root: Path, name: str, epochs: int, kill_at: int | None, workers: int,
     echo(f"  total      {seconds['total']:.1f} s")
     return DemoResult(identical, int(final["step"]), kill_at, int(newest["step"]), len(a),
                       values, seconds)
+
+
+def _progress(root: Path, runs: dict[str, tuple[str, int]], start: float) -> Callable[[], str]:
+    """A line with the step each run (``{name: (its checkpoint directory under root, its last
+    step)}``) has logged so far."""
+    def line() -> str:
+        steps = ", ".join(f"{name} at step {_logged_step(root / run / 'metrics.jsonl')}/{last}"
+                          for name, (run, last) in runs.items())
+        return f"  ...        {steps} ({time.perf_counter() - start:.0f} s)"
+    return line
+
+
+def _logged_step(log: Path) -> int:
+    """The last training step in a run's metrics log (0 before the first)."""
+    step = 0
+    if log.exists():
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line being written
+                continue
+            if record.get("kind") == "step":
+                step = int(record["step"])
+    return step
+
+
+def _watch(process: subprocess.Popen, progress: Callable[[], str], echo: Callable[[str], Any],
+           every: float = 5.0) -> None:
+    """Wait until ``process`` has exited, echoing ``progress()`` every ``every`` seconds while
+    it changes."""
+    last = ""
+    while process.poll() is None:
+        try:
+            process.wait(timeout=every)
+        except subprocess.TimeoutExpired:
+            line = progress()
+            if line.split(" (")[0] != last:
+                echo(line)
+                last = line.split(" (")[0]
 
 
 def _wait(process: subprocess.Popen, log: Path, expected: int) -> None:

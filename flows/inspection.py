@@ -29,29 +29,51 @@ from flows.stages import stage_name
 from flows.tasks import MultiTask, Task
 from flows.train import count_samples
 
+Example = tuple[str, str | None, torch.Tensor, int]  # key, class, audio, sample rate
+
 
 @dataclass
 class _Probe:
     """A stage placed just after decoding: notes each sample's rate, channels and length, and
-    keeps the first ``keep`` waveforms."""
+    keeps the first ``keep`` waveforms of distinct classes (by ``target`` named with ``names``)."""
 
     keep: int
+    target: str | None = None
+    names: list[str] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     rates: Counter = field(default_factory=Counter)
     channels: Counter = field(default_factory=Counter)
     durations: list[float] = field(default_factory=list)
-    examples: list[tuple[str, torch.Tensor, int]] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)
     name: str = "probe"
 
     def __call__(self, item: dict) -> dict:
         audio, rate = item["audio"], int(item["sample_rate"])
+        label = _class_text(item.get(self.target), self.names) if self.target else None
         with self.lock:
             self.rates[rate] += 1
             self.channels[int(audio.shape[0])] += 1
             self.durations.append(audio.shape[-1] / rate)
-            if len(self.examples) < self.keep:
-                self.examples.append((str(item.get("key", item.get("path", ""))), audio, rate))
+            seen = {e[1] for e in self.examples}
+            if len(self.examples) < self.keep and (label is None or label not in seen):
+                key = str(item.get("key", item.get("path", "")))
+                self.examples.append((key, label, audio, rate))
         return item
+
+
+def _class_text(value: Any, names: list[str] | None) -> str | None:
+    """A target value as class names: ``"dog_bark"``, or ``"yes no no ..."`` for a sequence."""
+    if value is None:
+        return None
+    values = value.flatten().tolist() if isinstance(value, torch.Tensor) else [value]
+    return " ".join(_name(v, names) for v in values)
+
+
+def _name(value: Any, names: list[str] | None) -> str:
+    """The class name of an index (the value itself when there is no name for it)."""
+    if names is not None and isinstance(value, int) and 0 <= value < len(names):
+        return names[value]
+    return str(value)
 
 
 @dataclass
@@ -60,7 +82,7 @@ class SplitSummary:
 
     name: str
     samples: int = 0
-    classes: dict[str, Counter] = field(default_factory=dict)  # target field -> value counts
+    classes: dict[str, Counter] = field(default_factory=dict)  # target field -> index counts
     values: dict[str, list[float]] = field(default_factory=dict)  # continuous targets
     probe: _Probe | None = None  # None when the flow decodes no audio
 
@@ -72,6 +94,7 @@ class Description:
     recipe: str
     splits: list[SplitSummary]
     plots: list[Path]
+    names: dict[str, list[str]] = field(default_factory=dict)  # target -> class names by index
 
     def __str__(self) -> str:
         lines = [f"recipe {self.recipe}"]
@@ -79,8 +102,9 @@ class Description:
             lines.append(f"{split.name}: {split.samples} samples")
             for target, counts in split.classes.items():
                 total = sum(counts.values())
-                shares = "  ".join(f"{k}: {n} ({n / total:.0%})" for k, n in sorted(counts.items()))
-                lines.append(f"  {target}: {shares}")
+                shares = [f"{_name(k, self.names.get(target))}: {n} ({n / total:.0%})"
+                          for k, n in _ordered(counts)]
+                lines.extend(_wrap(f"  {target}:", shares))
             for target, values in split.values.items():
                 lines.append(f"  {target}: min {min(values):.4g}  mean "
                              f"{sum(values) / len(values):.4g}  max {max(values):.4g}")
@@ -95,6 +119,22 @@ class Description:
         if self.plots:
             lines.append("plots: " + ", ".join(str(p) for p in self.plots))
         return "\n".join(lines)
+
+
+def _wrap(head: str, entries: list[str], width: int = 100) -> list[str]:
+    """``head`` and the entries on lines of at most ``width`` characters, never splitting one."""
+    lines = [head]
+    for entry in entries:
+        if len(lines[-1]) + 2 + len(entry) > width and lines[-1].strip():
+            lines.append("   ")
+        lines[-1] += (" " if lines[-1] == head else "  ") + entry
+    return lines
+
+
+def _ordered(counts: Counter) -> list[tuple[Any, int]]:
+    """Counts by key: numbers in numeric order, then text."""
+    return sorted(counts.items(), key=lambda kv: (not isinstance(kv[0], int), kv[0] if
+                                                  isinstance(kv[0], int) else 0, str(kv[0])))
 
 
 def _counts(counter: Counter, unit: str = "") -> str:
@@ -135,9 +175,10 @@ def _unbatched(flow: Flow, stages: Iterable[Any], limit: int | None = None) -> F
                                pin_memory=False, device=None, device_transform=None)
 
 
-def _summarize(name: str, flow: Flow, targets: list[str], limit: int | None, workers: int,
-               examples: int) -> SplitSummary:
-    probe = _Probe(examples)
+def _summarize(name: str, flow: Flow, targets: list[str], names: dict[str, list[str]],
+               limit: int | None, workers: int, examples: int) -> SplitSummary:
+    first = targets[0] if targets else None
+    probe = _Probe(examples, first, names.get(first) if first else None)
     summary = SplitSummary(name, probe=probe)
     decoded = False
     for leaf in _leaves(flow):
@@ -168,23 +209,27 @@ def _count_target(summary: SplitSummary, target: str, value: Any) -> None:
         return
     else:
         values = [value]
-    summary.classes.setdefault(target, Counter()).update(str(v) for v in values)
+    summary.classes.setdefault(target, Counter()).update(values)
 
 
 def describe(recipe: Recipe, out_dir: str | Path | None = None, limit: int | None = None,
              examples: int = 4) -> Description:
     """Describe the recipe's train and eval splits (the first ``limit`` samples of each); with
-    ``out_dir``, plot into it ``classes.png``, ``histograms.png`` and ``waveforms.png``."""
+    ``out_dir``, plot into it ``classes.png``, ``histograms.png`` and ``waveforms.png`` (class
+    indices are shown by the names of the recipe's ``label_maps()``, when it has them)."""
     targets = _targets(recipe.task())
+    label_maps = getattr(recipe, "label_maps", dict)
+    names = {k: list(v) for k, v in label_maps().items()}
     workers = recipe.config.num_workers
     flows = {"train": recipe.train_flow(), "eval": recipe.eval_flow()}
-    splits = [_summarize(name, flow, targets, limit, workers, examples)
+    splits = [_summarize(name, flow, targets, names, limit, workers, examples)
               for name, flow in flows.items() if flow is not None]
-    plots = _plot(splits, Path(out_dir)) if out_dir is not None else []
-    return Description(recipe.name, splits, plots)
+    plots = _plot(splits, names, Path(out_dir), examples) if out_dir is not None else []
+    return Description(recipe.name, splits, plots, names)
 
 
-def _plot(splits: list[SplitSummary], out_dir: Path) -> list[Path]:
+def _plot(splits: list[SplitSummary], names: dict[str, list[str]], out_dir: Path,
+          examples: int) -> list[Path]:
     try:
         import matplotlib
 
@@ -201,37 +246,90 @@ def _plot(splits: list[SplitSummary], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(out_dir / name)
 
-    panels = [(s.name, t, c) for s in splits for t, c in s.classes.items()]
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
-        for ax, (split, target, counts) in zip(axes[0], panels, strict=True):
-            keys = sorted(counts)
-            ax.bar(keys, [counts[k] for k in keys])
-            ax.set_title(f"{split}: {target}")
-            ax.tick_params(axis="x", labelrotation=90 if len(keys) > 8 else 0)
+    targets = list(dict.fromkeys(t for s in splits for t in s.classes))
+    if targets:
+        keys = {t: [k for k, _ in _ordered(sum((s.classes.get(t, Counter()) for s in splits),
+                                               Counter()))] for t in targets}
+        rows = [len(keys[t]) for t in targets]
+        fig, axes = plt.subplots(len(targets), 1, squeeze=False, figsize=(
+            8, sum(1.2 + 0.22 * max(n, 3) for n in rows)), height_ratios=[max(n, 3) for n in rows])
+        for ax, target in zip(axes[:, 0], targets, strict=True):
+            labels = [_name(k, names.get(target)) for k in keys[target]]
+            _grouped_bars(ax, labels, [(s.name, s.classes.get(target, Counter()), keys[target])
+                                       for s in splits], horizontal=True)
+            ax.set_xlabel("samples")
+            ax.set_ylabel(f"class ({target})")
+            ax.set_title(f"class balance: {target}, {len(labels)} classes")
         save(fig, "classes.png")
     probes = [(s.name, s.probe) for s in splits if s.probe is not None and s.probe.durations]
     if probes:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
         for split, probe in probes:
-            axes[0].hist(probe.durations, bins=20, alpha=0.6, label=split)
-            for ax, counts in ((axes[1], probe.rates), (axes[2], probe.channels)):
-                keys = sorted(counts)
-                ax.bar([str(k) for k in keys], [counts[k] for k in keys], alpha=0.6, label=split)
-        for ax, title in zip(axes, ("duration (s)", "sample rate (Hz)", "channels"), strict=True):
-            ax.set_title(title)
-            ax.legend(fontsize="small")
+            axes[0].hist(probe.durations, bins=20, histtype="step", linewidth=1.5, label=split)
+        for ax, attribute, label in ((axes[1], "rates", "sample rate (Hz)"),
+                                     (axes[2], "channels", "channels")):
+            values = sorted(set().union(*(getattr(p, attribute) for _, p in probes)))
+            _grouped_bars(ax, [str(v) for v in values],
+                          [(split, getattr(p, attribute), values) for split, p in probes])
+            ax.set_xlabel(label)
+        axes[0].set_xlabel("duration (s)")
+        axes[0].legend(fontsize="small")
+        for ax, title in zip(axes, ("duration", "sample rate", "channels"), strict=True):
+            ax.set_title(f"{title}, as read from disk")
+            ax.set_ylabel("samples")
         save(fig, "histograms.png")
-        shown = [e for _, probe in probes for e in probe.examples][:4]
-        fig, axes = plt.subplots(len(shown), 2, figsize=(10, 2.2 * len(shown)), squeeze=False)
-        for (wave, spec), (key, audio, rate) in zip(axes, shown, strict=True):
+        shown = _examples([probe for _, probe in probes], examples)
+        fig, axes = plt.subplots(len(shown), 2, figsize=(11, 2.4 * len(shown)), squeeze=False)
+        for (wave, spec), (key, cls, audio, rate) in zip(axes, shown, strict=True):
             mono = audio.mean(0).numpy()
             wave.plot(torch.arange(len(mono)).numpy() / rate, mono, linewidth=0.5)
-            wave.set_title(key, fontsize="small")
+            wave.set_title(f"{cls}: {key}" if cls is not None else key, fontsize="small")
+            wave.set_xlabel("time (s)")
+            wave.set_ylabel("amplitude")
             spec.specgram(mono, Fs=rate, NFFT=256, noverlap=128)
-            spec.set_title(f"{rate} Hz", fontsize="small")
+            spec.set_title(f"{cls}: spectrogram, {rate} Hz" if cls is not None else
+                           f"spectrogram, {rate} Hz", fontsize="small")
+            spec.set_xlabel("time (s)")
+            spec.set_ylabel("frequency (Hz)")
         save(fig, "waveforms.png")
     return written
+
+
+def _grouped_bars(ax: Any, labels: list[str], groups: list[tuple[str, Counter, list[Any]]],
+                  horizontal: bool = False) -> None:
+    """One bar per split side by side (not stacked) for each of ``labels``; ``groups`` are
+    (split, counts, the keys of ``labels`` in order)."""
+    from matplotlib.ticker import MaxNLocator
+
+    width = 0.8 / len(groups)
+    for g, (split, counts, keys) in enumerate(groups):
+        at = [i - 0.4 + width * (g + 0.5) for i in range(len(keys))]
+        heights = [counts.get(k, 0) for k in keys]
+        if horizontal:
+            ax.barh(at, heights, height=width, label=split)
+        else:
+            ax.bar(at, heights, width=width, label=split)
+    ticks = range(len(labels))
+    if horizontal:
+        ax.set_yticks(ticks, labels, fontsize="small")
+        ax.set_ylim(len(labels) - 0.5, -0.5)  # the first class on top
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars
+    else:
+        ax.set_xticks(ticks, labels, rotation=45 if len(labels) > 6 else 0)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
+
+
+def _examples(probes: list[_Probe], count: int) -> list[Example]:
+    """Up to ``count`` kept waveforms, one per class while classes last (train first)."""
+    distinct: list[Example] = []
+    rest: list[Example] = []
+    seen: set[str | None] = set()
+    for example in (e for probe in probes for e in probe.examples):
+        (rest if example[1] in seen else distinct).append(example)
+        seen.add(example[1])
+    return (distinct + rest)[:count]
 
 
 @dataclass

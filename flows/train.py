@@ -131,6 +131,7 @@ class TrainResult:
     #: samples skipped on error (``on_error="skip"``): "train" in all epochs so far, "eval" in
     #: the last evaluation
     skipped: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
+    best: dict[str, Any] | None = None  # the evaluation of lowest loss: {epoch, step, metrics}
 
 
 def train(recipe: Recipe, config: TrainConfig | None = None) -> TrainResult:
@@ -292,6 +293,7 @@ class _Run:
         self.skipped = {"train": 0, "eval": 0}
         self.skipped_carried = 0
         self.skipped_start = 0
+        self.best: dict[str, Any] | None = None  # the evaluation of lowest loss so far
         self.checkpoint: str | None = None
         self.resumed_from: str | None = None
         self.interrupted: str | None = None
@@ -343,7 +345,7 @@ class _Run:
             log.info("plotted %s", plot_log(self.log.path, self.config.plot))
         return TrainResult(self.model, self.step, self.epoch, self.metrics, self.train_metrics,
                            self.checkpoint, self.resumed_from, self.interrupted,
-                           time.perf_counter() - start, skipped=dict(self.skipped))
+                           time.perf_counter() - start, skipped=dict(self.skipped), best=self.best)
 
     def _run_pending_eval(self) -> None:
         """The evaluation a stop signal cut short, with the weights of the step it was due at;
@@ -536,6 +538,9 @@ class _Run:
         self.skipped["eval"] = self._sum_ranks(skipped)
         self.pending_eval = None
         self._log("eval", {**self.metrics, **self._skip_field(self.skipped["eval"])}, epoch)
+        if "loss" in self.metrics and (self.best is None
+                                       or self.metrics["loss"] < self.best["metrics"]["loss"]):
+            self.best = {"epoch": epoch, "step": self.step, "metrics": self.metrics}
 
     def _gather_sums(self, sums: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         """Metric sums added over ranks."""
@@ -586,7 +591,7 @@ class _Run:
             "plans": global_plans(self.train_loader),
             "rng": rngs,
             "running": running,
-            "metrics": {"eval": self.metrics, "train": self.train_metrics},
+            "metrics": {"eval": self.metrics, "train": self.train_metrics, "best": self.best},
             "pending_eval": self.pending_eval,
             # samples skipped on error: epochs done, this epoch so far (all ranks); the count
             # inside loader_state, which every rank's loader holds after resuming
@@ -638,6 +643,7 @@ class _Run:
         skipped = state.get("skipped", {"done": 0, "epoch": 0, "position": 0})
         self.skipped["train"], self.skipped_start = skipped["done"], skipped["position"]
         self.skipped_carried = skipped["epoch"] if self.rank == 0 else 0
+        self.best = state["metrics"].get("best")
         rngs = state["rng"]
         restore_rng(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
         self.checkpoint = self.resumed_from = url

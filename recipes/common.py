@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import posixpath
+import re
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile
 import torch
 from torch import nn
 
@@ -34,6 +39,9 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+DEFAULT_RATE = 16_000  # Hz, for files of several sample rates and no --sample-rate
+log = logging.getLogger("flows.recipes")
+
 MODEL_HELP = "smallcnn, m5, or package.module:factory (called with the heads, returns a module)"
 
 
@@ -41,7 +49,9 @@ MODEL_HELP = "smallcnn, m5, or package.module:factory (called with the heads, re
 class AudioConfig(RecipeConfig):
     """Knobs of every audio recipe (recipes change the defaults and add their own)."""
 
-    sample_rate: int = option(16_000, "resample every clip to this rate (anti-aliased)")
+    sample_rate: int | None = option(None, "resample every clip to this rate (anti-aliased); "
+                                     "default: the files' own rate when they share one, else "
+                                     f"{DEFAULT_RATE}")
     mono: bool = option(True, "average the channels into one")
     seconds: float | None = option(None, "clip length in seconds: longer clips are cut; unset keeps "
                                       "whole clips")
@@ -106,24 +116,55 @@ class Clip(Stage):
 
 
 def audio_chain(flow: Flow, config: AudioConfig, train: bool, embedded: str | None = None,
-                extra: Sequence[Callable] = (), segment: dict[str, Any] | None = None) -> Flow:
-    """The audio chain: read -> decode -> downmix -> resample -> ``extra`` stages -> clip to
-    ``config.seconds``.
+                extra: Sequence[Callable] = (), segment: dict[str, Any] | None = None,
+                sample_rate: int | None = None) -> Flow:
+    """The audio chain: read -> decode -> downmix -> resample to ``sample_rate`` (default
+    ``config.sample_rate``) -> ``extra`` stages -> clip to ``config.seconds``.
 
     ``embedded`` names a field holding the encoded audio (a Hugging Face ``{bytes, path}``
     column) instead of reading each record's ``path``; ``segment`` holds the
     :meth:`~flows.flow.Flow.decode_audio` options naming the part of each file to use."""
+    rate = sample_rate or config.sample_rate
+    if rate is None:
+        raise FlowsError("no sample rate: set sample_rate (--sample-rate)")
     part = segment or {}
     flow = flow.decode_audio(embedded, **part) if embedded else flow.read().decode_audio(**part)
     if config.mono:
         flow = flow.downmix()
-    flow = flow.resample(config.sample_rate)
+    flow = flow.resample(rate)
     for stage in extra:
         flow = flow.map(stage)
     if config.seconds:
-        length = round(config.seconds * config.sample_rate)
+        length = round(config.seconds * rate)
         flow = flow.map(Clip(length, config.pad, random=train and config.random_crop))
     return flow
+
+
+def native_rate(source: Source, storage_options: dict | None = None, probe: int = 100) -> int:
+    """The sample rate shared by the files at the records' ``path``, read from the headers of up
+    to ``probe`` files spread evenly over ``source``; when they differ, :data:`DEFAULT_RATE`
+    with a warning naming the rates found. (Every clip is resampled to the rate chosen, so a file
+    outside the probe at another rate is still converted.)"""
+    n = len(source)
+    picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, probe))}) if n else []
+    rates: Counter[int] = Counter()
+    for i in picks:
+        path = source[i]["path"]
+        try:
+            with io.open_file(path, storage_options) as f:
+                rates[soundfile.info(f).samplerate] += 1
+        except Exception as e:  # noqa: BLE001 - one line naming the file
+            raise FlowsError(f"cannot read the audio header of {path}: {type(e).__name__}: {e}") from e
+    if len(rates) == 1:
+        rate = next(iter(rates))
+        log.info("sample rate: %d Hz, the files' own (%d files probed; --sample-rate resamples)",
+                 rate, len(picks))
+        return rate
+    found = ", ".join(f"{r} Hz: {k}" for r, k in sorted(rates.items()))
+    warnings.warn(f"the files have several sample rates ({found} of {len(picks)} probed): "
+                  f"resampling every clip to {DEFAULT_RATE} Hz; choose with --sample-rate",
+                  stacklevel=2)
+    return DEFAULT_RATE
 
 
 def fixed_length(config: AudioConfig) -> bool:
@@ -149,26 +190,64 @@ def batches(flow: Flow, config: RecipeConfig, train: bool, stratify: str | None 
 
 
 def split(flow: Flow, train: bool, eval_fraction: float, seed: int, folds: int = 0,
-          fold: int = 0) -> Flow:
-    """The train or eval part of ``flow``'s records (see :func:`split_indices`)."""
+          fold: int = 0, stratify: str | None = None) -> Flow:
+    """The train or eval part of ``flow``'s records (see :func:`split_indices`), stratified by
+    the record field ``stratify`` when given."""
     if flow.source is None:
         raise FlowsError("only a flow with a source can be split")
-    parts = split_indices(len(flow.source), eval_fraction, seed, folds, fold)
+    labels = flow.source.column(stratify) if stratify is not None else None
+    parts = split_indices(len(flow.source), eval_fraction, seed, folds, fold, labels)
     return flow.select(parts[0] if train else parts[1])
 
 
-def split_indices(n: int, eval_fraction: float, seed: int, folds: int = 0,
-                  fold: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(n: int, eval_fraction: float, seed: int, folds: int = 0, fold: int = 0,
+                  labels: Sequence[Any] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train, eval) indices: a seeded ``eval_fraction`` split (as ``Flow.split``), or with
-    ``folds`` > 1 fold number ``fold`` (0-based) of a seeded k-fold partition as the eval part."""
+    ``folds`` > 1 fold number ``fold`` (0-based) of a seeded k-fold partition as the eval part.
+
+    With ``labels`` (one per index) the split is stratified: the indices are ordered class by
+    class (seeded order within each class) and dealt out evenly, so each class's share of the
+    eval part is ``eval_fraction`` (or 1/``folds``) give or take one sample."""
+    if folds > 1 and not 0 <= fold < folds:
+        raise FlowsError(f"fold must be in 0..{folds - 1}, got {fold}")
+    if labels is None:
+        if folds > 1:
+            parts = np.array_split(rng(seed, "folds").permutation(n), folds)
+            rest = np.concatenate([p for i, p in enumerate(parts) if i != fold])
+            return np.sort(rest), np.sort(parts[fold])
+        train, held_out = splits(n, [1.0 - eval_fraction, eval_fraction], seed)
+        return train, held_out
+    order = _class_order(np.asarray([str(v) for v in labels]), seed)
+    position = np.arange(n)
     if folds > 1:
-        if not 0 <= fold < folds:
-            raise FlowsError(f"fold must be in 0..{folds - 1}, got {fold}")
-        parts = np.array_split(rng(seed, "folds").permutation(n), folds)
-        rest = np.concatenate([p for i, p in enumerate(parts) if i != fold])
-        return np.sort(rest), np.sort(parts[fold])
-    train, held_out = splits(n, [1.0 - eval_fraction, eval_fraction], seed)
-    return train, held_out
+        held = position % folds == fold
+    else:  # position i is held out when round(i * fraction) steps up at i + 1
+        held = np.floor((position + 1) * eval_fraction + 0.5) > np.floor(position * eval_fraction + 0.5)
+    return np.sort(order[~held]), np.sort(order[held])
+
+
+def _class_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """All indices, class by class in natural order, in a seeded random order within each class."""
+    permutation = rng(seed, "stratified split").permutation(len(labels))
+    return np.concatenate([permutation[labels[permutation] == name]
+                           for name in class_names(labels)] or [np.arange(0)])
+
+
+def shown(values: Sequence[Any], limit: int = 20) -> str:
+    """``"1, 2, 3"``: the first ``limit`` values and how many more there are."""
+    more = f" and {len(values) - limit} more" if len(values) > limit else ""
+    return ", ".join(str(v) for v in values[:limit]) + more
+
+
+def require_values(table: str, column: str, present: Iterable[Any], wanted: Sequence[Any],
+                   part: str, option: str) -> None:
+    """Refuse a ``part`` ("train", "eval") of ``table`` that selects no row: none of the
+    ``wanted`` values (given by ``option``) is among those the ``column`` holds."""
+    found = class_names(present)
+    if not {str(w) for w in wanted} & set(found):
+        asked = " ".join(str(w) for w in wanted) or "(none)"
+        raise FlowsError(f"table {table}: no rows for the {part} split: column {column} has no "
+                         f"value in {option} {asked}; its values: {shown(found)}")
 
 
 def as_names(value: str | Sequence[str]) -> list[str]:
@@ -180,20 +259,26 @@ def as_names(value: str | Sequence[str]) -> list[str]:
 # ---- labels ----------------------------------------------------------------------------------------
 
 
+def natural_key(text: str) -> tuple:
+    """Sort key putting ``"2"`` before ``"10"`` and ``"fold2"`` before ``"fold10"``."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", text) if part)
+
+
 def class_names(values: Iterable[Any]) -> list[str]:
-    """Sorted distinct values, as strings: position = class index."""
-    return sorted({str(v) for v in values})
+    """Distinct values as strings, in natural order (``"2"`` before ``"10"``): position = class index."""
+    return sorted({str(v) for v in values}, key=natural_key)
 
 
 class ClassIndex(Stage):
-    """Set ``item[to]`` to the class index of ``item[column]`` among ``names``, and
-    ``item[to + "_name"]`` to the class name."""
+    """Set ``item[to]`` to the class index of ``item[column]`` among ``names`` (or by the mapping
+    ``{name: index}``), and ``item[to + "_name"]`` to the class name."""
 
     name = "class_index"
 
-    def __init__(self, column: str, names: Sequence[str], to: str = "label"):
+    def __init__(self, column: str, names: Sequence[str] | Mapping[str, int], to: str = "label"):
         self.column, self.to = column, to
-        self.index = {name: i for i, name in enumerate(names)}
+        self.index = dict(names) if isinstance(names, Mapping) else {n: i for i, n in enumerate(names)}
 
     def __call__(self, item: dict) -> dict:
         value = str(item[self.column])
@@ -317,6 +402,23 @@ class ClassesRecipe(BaseRecipe):
 
     def eval_flow(self) -> Flow:
         return self.part(train=False)
+
+    def model(self) -> nn.Module:
+        """The model; refused when the data has fewer than two classes (nothing to learn)."""
+        present = self.present_classes()
+        if len(present) < 2:
+            found = f"the single class {present[0]!r}" if present else "no class"
+            raise FlowsError(f"{self.name}: the data has {found}; a classifier needs at least "
+                             f"two. {self.class_hint()}".strip())
+        return super().model()
+
+    def present_classes(self) -> list[str]:
+        """The classes the data has (``classes`` may also name indices no sample uses)."""
+        return self.classes
+
+    def class_hint(self) -> str:
+        """Told to users whose data has a single class: how to give it several."""
+        return ""
 
     def outputs(self) -> Outputs:
         return len(self.classes)

@@ -3,14 +3,17 @@
 Layout: ``{data_dir}/**/*.wav`` (also .flac, .ogg, .mp3; local or any fsspec URL). The label is
 the parent folder's name (``dogs/a.wav`` -> "dogs"), or what a regex finds in the file name
 (its group named ``label``, else its first group, else the whole match), or — from Python — what a
-callable returns for the file name. Classes are indexed in sorted order. Split: a seeded
-``eval_fraction``, or k-fold cross-validation with ``folds`` and ``fold``.
+callable returns for the file name. Classes are indexed in natural order ("2" before "10"); a
+single class is refused. Split: a seeded ``eval_fraction`` or k-fold cross-validation with
+``folds`` and ``fold``, both stratified by class; or a field of the file name (``split_by``, a
+regex or a callable like ``label``) whose ``eval_values`` are held out.
 
     recipe = Folder(Folder.Config(data_dir="s3://bucket/clips", label=r"^(\\w+?)_\\d+",
                                   sample_rate=16000, seconds=2.0))
     for batch in recipe.train_flow().loader(): ...   # audio, label, label_name, key, path
 
-    flows train folder --data-dir ./clips --sample-rate 16000 --seconds 2 --folds 5 --fold 0
+    flows train folder --data-dir ./clips --seconds 2 --folds 5 --fold 0
+    flows train folder --data-dir ./clips --split-by '_(\\d+)\\.wav$' --eval-values 0-4
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ from recipes.common import (
     batches,
     class_names,
     fixed_length,
+    native_rate,
     option,
     require,
+    shown,
     split,
 )
 
@@ -50,25 +55,56 @@ class FolderConfig(AudioConfig):
         "parent", "parent: the parent folder's name; else a regex on the file name (its group "
         "'label', else its first group, else the match); from Python also a callable")
     extensions: str = option(".wav,.flac,.ogg,.mp3", "audio file extensions, comma separated")
-    eval_fraction: float = option(0.2, "held-out fraction (seeded)")
-    folds: int = option(0, "more than 1: seeded k-fold cross-validation, evaluating on --fold")
+    eval_fraction: float = option(0.2, "held-out fraction (seeded, stratified by class)")
+    folds: int = option(0, "more than 1: seeded k-fold cross-validation (stratified by class), "
+                        "evaluating on --fold")
     fold: int = option(0, "the held-out fold (0-based) with --folds")
+    split_by: str | Callable[[str], Any] | None = option(
+        None, "split by a field of the file name: a regex (its group 'split', else its first "
+        "group, else the match); from Python also a callable. Needs --eval-values")
+    eval_values: str | None = option(None, "the --split-by values held out, comma separated; "
+                                     "a-b is a range of integers (e.g. 0-4)")
+    train_values: str | None = option(None, "the --split-by values trained on (default: all "
+                                      "but --eval-values)")
     stratify: bool = True
+
+
+def name_field(path: str, rule: str | Callable[[str], Any], group: str) -> str:
+    """What ``rule`` finds in the file name of ``path``: a callable's result, or a regex's group
+    named ``group``, else its first group, else the whole match."""
+    name = posixpath.basename(path)
+    if callable(rule):
+        return str(rule(name))
+    match = re.search(rule, name)
+    if match is None:
+        raise FlowsError(f"{group} regex {rule!r} does not match the file name {name!r}")
+    if group in match.groupdict():
+        return match.group(group)
+    return match.group(1) if match.groups() else match.group(0)
 
 
 def label_of(path: str, rule: str | Callable[[str], Any]) -> str:
     """The label of the file at ``path`` by ``rule`` (see the module docstring)."""
-    name = posixpath.basename(path)
-    if callable(rule):
-        return str(rule(name))
     if rule == "parent":
         return posixpath.basename(posixpath.dirname(path))
-    match = re.search(rule, name)
-    if match is None:
-        raise FlowsError(f"label regex {rule!r} does not match the file name {name!r}")
-    if "label" in match.groupdict():
-        return match.group("label")
-    return match.group(1) if match.groups() else match.group(0)
+    return name_field(path, rule, "label")
+
+
+def values(text: str) -> set[str]:
+    """``"0-4,7,test"`` -> ``{"0", "1", "2", "3", "4", "7", "test"}``."""
+    found: set[str] = set()
+    for item in as_names(text):
+        low, dash, high = item.partition("-")
+        if dash and low.isdigit() and high.isdigit():
+            found.update(str(v) for v in range(int(low), int(high) + 1))
+        else:
+            found.add(_canonical(item))
+    return found
+
+
+def _canonical(value: str) -> str:
+    """Integers compare by value: ``"03"`` is ``"3"``."""
+    return str(int(value)) if value.isdigit() else value
 
 
 @register
@@ -97,13 +133,53 @@ class Folder(ClassesRecipe):
         index = {name: i for i, name in enumerate(self.classes)}
         return [{**row, "label": index[row["label_name"]]} for row in self.listing]
 
+    def class_hint(self) -> str:
+        rule = self.config.label
+        how = ("each file's folder name" if rule == "parent" else
+               "a callable" if callable(rule) else f"the regex {rule!r}")
+        return (f"The labels came from {how} (--label): give --label a regex on the file name, "
+                "or put each class's files in a sub-folder of their own.")
+
     def part(self, train: bool) -> Flow:
         c = self.config
         flow = Flow.from_source(Items(self.records()), storage_options=c.storage_options)
-        flow = audio_chain(split(flow, train, c.eval_fraction, c.seed, c.folds, c.fold), c, train)
+        if c.split_by is not None:
+            flow = flow.select(self.by_name()[0 if train else 1])
+        else:
+            flow = split(flow, train, c.eval_fraction, c.seed, c.folds, c.fold, stratify="label")
+        flow = audio_chain(flow, c, train, sample_rate=self.sample_rate)
         return batches(flow, c, train, stratify="label" if c.stratify else None,
                        variable=not fixed_length(c))
 
+    def by_name(self) -> tuple[list[int], list[int]]:
+        """(train, eval) positions in the listing by the ``split_by`` field of the file names."""
+        c = self.config
+        if c.split_by is None or c.eval_values is None:
+            raise FlowsError("split_by (--split-by) needs eval_values (--eval-values)")
+        held = values(c.eval_values)
+        kept = values(c.train_values) if c.train_values is not None else None
+        fields = [_canonical(name_field(row["path"], c.split_by, "split")) for row in self.listing]
+        parts: tuple[list[int], list[int]] = ([], [])
+        for i, value in enumerate(fields):
+            if value in held:
+                parts[1].append(i)
+            elif kept is None or value in kept:
+                parts[0].append(i)
+        found = shown(class_names(fields))
+        if not parts[1]:
+            raise FlowsError(f"{self.name}: no file has a --split-by value in --eval-values "
+                             f"{c.eval_values}; the values found: {found}")
+        if not parts[0]:
+            which = (f"in --train-values {c.train_values}" if c.train_values is not None
+                     else f"outside --eval-values {c.eval_values}")
+            raise FlowsError(f"{self.name}: no file has a --split-by value {which}: none is left "
+                             f"to train on; the values found: {found}")
+        return parts
+
+    @cached_property
+    def sample_rate(self) -> int:
+        """``config.sample_rate``, else the files' own rate when they share one."""
+        return self.config.sample_rate or native_rate(Items(self.listing), self.config.storage_options)
 
     @classmethod
     def generate(cls, root: str | Path, seed: int = 0, clips_per_class: int = 4,

@@ -82,6 +82,7 @@ class SousaConfig(AudioConfig):
     train_split: str = option("train", "train, validation or test")
     eval_split: str = option("validation", "train, validation or test")
     stratify: bool = True  # on the first class target
+    sample_rate: int | None = 16_000
 
 
 @dataclass(frozen=True)

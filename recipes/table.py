@@ -1,11 +1,15 @@
 """Your own audio, described by a metadata table (CSV or Parquet).
 
-Layout: a table with a path column (relative paths are resolved against ``root``: a local
-folder or any fsspec URL, by default ``data_dir``, else the table's folder), a label column and
-optionally a split column (``train``/``test`` values) or a fold column. Without either the split
-is a seeded ``eval_fraction`` (or k-fold with ``folds``/``fold``). Classes are the label
-column's distinct values in sorted order; every other column rides along into the batches
-(choose them with ``columns``). **Segments**: with ``start_column`` and ``end_column`` (or
+Layout: a table with a path column, a label column and optionally a class id column, a split
+column (``train``/``test`` values) or a fold column. ``table`` and ``root`` (where relative
+paths in the path column point) are both resolved the same way: a relative path is below
+``data_dir``; an absolute path or a URL is taken as it is. ``root`` defaults to ``data_dir``
+(else the table's folder). Without a split or fold column the split is a seeded
+``eval_fraction`` (or k-fold with ``folds``/``fold``), stratified by class. Classes: a numeric
+label column keeps its values as class indices; with ``id_column`` the index is that column
+and the names come from the label column; otherwise the label column's distinct values in
+natural order ("2" before "10"). Every other column rides along into the batches (choose them
+with ``columns``). **Segments**: with ``start_column`` and ``end_column`` (or
 ``duration_column``), in ``time_unit`` seconds or frames, each row is that part of its file
 and only that part is read — several rows may share one file (lhotse supervisions, SpeechBrain
 CSVs, hand-written annotations).
@@ -14,8 +18,8 @@ CSVs, hand-written annotations).
                                             root="s3://bucket/audio", label_column="species",
                                             fold_column="fold", eval_folds="5"))
 
-    flows train table --table meta.csv --data-dir ./clips --label-column species --seconds 3
-    flows train table --table calls.csv --data-dir ./recordings --label-column species \
+    flows train table --data-dir ./clips --table meta.csv --label-column species --seconds 3
+    flows train table --data-dir ./recordings --table calls.csv --label-column species \
         --start-column start --end-column end --seconds 2
 """
 
@@ -25,9 +29,12 @@ import posixpath
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from flows.errors import FlowsError
 from flows.flow import Flow
 from flows.recipe import register
 from flows.sources import Table
@@ -40,19 +47,28 @@ from recipes.common import (
     audio_chain,
     batches,
     class_names,
+    exists,
     fixed_length,
     join,
+    native_rate,
     option,
+    require_values,
     split,
 )
+
+RESOLVED = "a path relative to --data-dir, an absolute path or a URL"
 
 
 @dataclass
 class TableConfig(AudioConfig):
-    table: str = option("metadata.csv", "the CSV or Parquet table: a path below data_dir or a URL")
-    root: str | None = option(None, "where relative paths point (default: data_dir)")
+    table: str = option("metadata.csv", f"the CSV or Parquet table: {RESOLVED}")
+    root: str | None = option(None, f"where the path column's relative paths point: {RESOLVED} "
+                              "(default: --data-dir)")
     path_column: str = option("path", "the column of audio paths")
-    label_column: str = option("label", "the column of class labels")
+    label_column: str = option("label", "the column of class labels (integers are kept as the "
+                               "class indices)")
+    id_column: str | None = option(None, "a column of integer class ids matching "
+                                   "--label-column's names: used as the class indices")
     columns: str | None = option(None, "the columns to keep, comma separated (default: all)")
     split_column: str | None = option(None, "a column naming each row's split")
     train_split: str = option("train", "--split-column value of the training rows")
@@ -60,9 +76,10 @@ class TableConfig(AudioConfig):
     fold_column: str | None = option(None, "a column numbering each row's fold")
     train_folds: tuple[int, ...] | None = option(None, "training folds (default: all but --eval-folds)")
     eval_folds: tuple[int, ...] = option((1,), "evaluation folds")
-    eval_fraction: float = option(0.2, "without split or fold column: held-out fraction (seeded)")
+    eval_fraction: float = option(0.2, "without split or fold column: held-out fraction (seeded, "
+                                  "stratified by class)")
     folds: int = option(0, "without split or fold column, more than 1: seeded k-fold "
-                        "cross-validation, evaluating on --fold")
+                        "cross-validation (stratified by class), evaluating on --fold")
     fold: int = option(0, "the held-out fold (0-based) with --folds")
     start_column: str | None = option(None, "segments: the column where each row's part of its file "
                                       "starts (lhotse, SpeechBrain and annotation tables)")
@@ -81,19 +98,101 @@ class TableRecipe(ClassesRecipe):
     data_hint = ("Give --table (a CSV or Parquet file with a path and a label column) and "
                  "--data-dir or --root for relative paths.")
 
-    @property
+    def resolve(self, path: str) -> str:
+        """``path`` below ``data_dir`` when relative, else as it is."""
+        data_dir = self.config.data_dir
+        absolute = "://" in path or path.startswith("/")
+        return path if absolute or data_dir is None else join(data_dir, path)
+
+    @cached_property
     def url(self) -> str:
-        table, data_dir = self.config.table, self.config.data_dir
-        absolute = "://" in table or table.startswith("/")
-        return table if absolute or data_dir is None else join(data_dir, table)
+        """The table's URL (checked to exist)."""
+        url = self.resolve(self.config.table)
+        if not exists(url, self.config.storage_options):
+            raise FlowsError(f"table {url} does not exist (--table is {RESOLVED})")
+        return url
+
+    @property
+    def root(self) -> str:
+        c = self.config
+        return self.resolve(c.root) if c.root else c.data_dir or posixpath.dirname(self.url)
+
+    @cached_property
+    def class_index(self) -> dict[str, int]:
+        """``{label: class index}``: a numeric label column's own values, the id column's, or
+        the labels' position in natural order."""
+        c = self.config
+        labels = self._column(c.label_column)
+        if c.id_column is not None:
+            ids = self._column(c.id_column)
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise FlowsError(f"table {self.url}: --id-column {c.id_column} holds "
+                                 f"{ids.dtype} values, not integers")
+            pairs = pd.DataFrame({"id": ids, "label": labels}).drop_duplicates()
+            names = {c.id_column: "id", c.label_column: "label"}
+            for column, field in names.items():
+                twice = pairs[pairs[field].duplicated(keep=False)].sort_values(field)
+                if len(twice):
+                    raise FlowsError(f"table {self.url}: {column} {twice.iloc[0][field]!r} goes "
+                                     "with several values of the other column "
+                                     f"({' and '.join(names)} must match one to one)")
+            index = {str(label): int(i) for i, label in zip(pairs["id"], pairs["label"], strict=True)}
+        elif np.issubdtype(labels.dtype, np.integer):
+            index = {str(v): int(v) for v in set(labels.tolist())}
+        else:
+            return {name: i for i, name in enumerate(class_names(labels))}
+        negative = [v for v in index.values() if v < 0]
+        if negative:
+            raise FlowsError(f"table {self.url}: class index {negative[0]} is negative")
+        return index
 
     @cached_property
     def classes(self) -> list[str]:
-        label = self.config.label_column
-        return class_names(self._table([label]).column(label))
+        """Class names by index (an index no row uses is named by its number)."""
+        names = [str(i) for i in range(max(self.class_index.values(), default=-1) + 1)]
+        for name, i in self.class_index.items():
+            names[i] = name
+        return names
+
+    def present_classes(self) -> list[str]:
+        return list(self.class_index)
+
+    def class_hint(self) -> str:
+        return f"Is --label-column {self.config.label_column} the column of classes?"
 
     def _table(self, columns: list[str]) -> Table:
         return Table(self.url, columns, storage_options=self.config.storage_options)
+
+    def _column(self, name: str) -> np.ndarray:
+        return self._table([name]).column(name)
+
+    @cached_property
+    def wheres(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The train and eval rows by the split or fold column (None: a seeded split), both
+        checked before either part is built."""
+        return self._where(train=True), self._where(train=False)
+
+    def _where(self, train: bool) -> dict[str, Any] | None:
+        """The rows of the train or eval part by the split or fold column (None: a seeded split);
+        an empty part is refused, naming the values the column holds."""
+        c = self.config
+        part = "train" if train else "eval"
+        if c.split_column is not None:
+            wanted = c.train_split if train else c.eval_split
+            require_values(self.url, c.split_column, self._column(c.split_column), [wanted], part,
+                           f"--{part}-split")
+            return {c.split_column: wanted}
+        if c.fold_column is not None:
+            every = sorted({int(f) for f in self._column(c.fold_column)})
+            held_out = [int(f) for f in c.eval_folds]
+            if train:
+                folds = [int(f) for f in (c.train_folds or every) if int(f) not in held_out]
+                option = "--train-folds" if c.train_folds else "all but --eval-folds"
+            else:
+                folds, option = held_out, "--eval-folds"
+            require_values(self.url, c.fold_column, every, folds, part, option)
+            return {c.fold_column: folds}
+        return None
 
     def _rows(self, train: bool) -> Flow:
         """The table's train or eval rows, each with ``path`` resolved."""
@@ -103,18 +202,10 @@ class TableRecipe(ClassesRecipe):
             columns = list(dict.fromkeys([*as_names(c.columns), c.label_column]))
             extra = (c.split_column, c.fold_column, c.start_column, c.end_column, c.duration_column)
             columns += [x for x in extra if x and x not in columns]
-        where: dict[str, str | list[int]] | None = None
-        if c.split_column is not None:
-            where = {c.split_column: c.train_split if train else c.eval_split}
-        elif c.fold_column is not None:
-            held_out = [int(f) for f in c.eval_folds]
-            every = sorted(int(f) for f in set(self._table([c.fold_column]).column(c.fold_column)))
-            train_folds = [int(f) for f in (c.train_folds or every) if f not in held_out]
-            where = {c.fold_column: train_folds if train else held_out}
-        root = c.root or c.data_dir or posixpath.dirname(self.url)
-        flow = Flow.table(self.url, columns, where, c.path_column, root, c.storage_options)
+        where = self.wheres[0 if train else 1]
+        flow = Flow.table(self.url, columns, where, c.path_column, self.root, c.storage_options)
         if where is None:
-            flow = split(flow, train, c.eval_fraction, c.seed, c.folds, c.fold)
+            flow = split(flow, train, c.eval_fraction, c.seed, c.folds, c.fold, c.label_column)
         return flow
 
     @property
@@ -126,13 +217,21 @@ class TableRecipe(ClassesRecipe):
         return {"start": c.start_column, "end": c.end_column, "duration": c.duration_column,
                 "unit": c.time_unit}
 
+    @cached_property
+    def sample_rate(self) -> int:
+        """``config.sample_rate``, else the files' own rate when they share one."""
+        c = self.config
+        if c.sample_rate:
+            return c.sample_rate
+        every = Table(self.url, [c.path_column], None, c.path_column, self.root, c.storage_options)
+        return native_rate(every, c.storage_options)
+
     def part(self, train: bool) -> Flow:
         c = self.config
-        flow = self._rows(train).map(ClassIndex(c.label_column, self.classes, "label"))
-        flow = audio_chain(flow, c, train, segment=self.segment)
+        flow = self._rows(train).map(ClassIndex(c.label_column, self.class_index, "label"))
+        flow = audio_chain(flow, c, train, segment=self.segment, sample_rate=self.sample_rate)
         return batches(flow, c, train, stratify=c.label_column if c.stratify else None,
                        variable=not fixed_length(c))
-
 
     @classmethod
     def generate(cls, root: str | Path, seed: int = 0, clips_per_fold: int = 4) -> Path:

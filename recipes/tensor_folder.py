@@ -3,8 +3,9 @@
 Layout: ``{data_dir}/{id}.pt`` (``torch.save`` of a tensor) or ``{id}.npy``, one per sample, and
 a label mapping ``id -> label``: ``labels.json`` (``{"image_0": 3, ...}``), ``labels.csv``
 (columns ``file,label``; ``file`` with or without its extension) or, from Python, a dict.
-Labels are class indices or class names (indexed in sorted order). Seeded 80/20 split; samples
-are read one by one from disk (any fsspec URL), so memory does not grow with their number.
+Labels are class indices or class names (indexed in natural order). Seeded 80/20 split,
+stratified by class; samples are read one by one from disk (any fsspec URL), so memory does not
+grow with their number.
 
     recipe = TensorFolder(TensorFolder.Config(data_dir="/content/data"))
     for batch in recipe.train_flow().loader(num_workers=4): ...   # tensor (B, 62, 47), label (B,)
@@ -101,6 +102,9 @@ class TensorFolder(ClassesRecipe):
             return [str(i) for i in range(max(values) + 1)]
         return class_names(values)
 
+    def present_classes(self) -> list[str]:
+        return class_names(self.mapping.values())
+
     def records(self) -> list[dict[str, Any]]:
         """One ``{path, key, label}`` per file (the label mapping is read once, the tensors never)."""
         root = require(self.config.data_dir, self.data_hint, self.config.storage_options)
@@ -116,7 +120,7 @@ class TensorFolder(ClassesRecipe):
     def part(self, train: bool) -> Flow:
         c = self.config
         flow = Flow.from_source(Items(self.records()), storage_options=c.storage_options)
-        flow = split(flow, train, c.eval_fraction, c.seed).read().decode_tensor()
+        flow = split(flow, train, c.eval_fraction, c.seed, stratify="label").read().decode_tensor()
         return batches(flow, c, train, stratify="label" if c.stratify else None)
 
 

@@ -41,6 +41,7 @@ from recipes.common import (
     join,
     option,
     require,
+    require_values,
 )
 
 FOLDS = range(1, 11)
@@ -95,8 +96,16 @@ class UrbanSound8K(BaseRecipe):
             pairs = pd.read_csv(f, usecols=["classID", "class"]).drop_duplicates()
         return [str(n) for n in pairs.sort_values("classID")["class"]]
 
+    @cached_property
+    def folds(self) -> list[int]:
+        """The folds the metadata holds."""
+        with io.open_file(self.metadata, self.config.storage_options) as f:
+            return sorted({int(v) for v in pd.read_csv(f, usecols=["fold"])["fold"]})
+
     def _part(self, folds: Sequence[int], train: bool) -> Flow:
         c = self.config
+        part = "train" if train else "eval"
+        require_values(self.metadata, "fold", self.folds, folds, part, f"--{part}-folds")
         flow = (Flow.table(self.metadata, where={"fold": [int(f) for f in folds]},
                            storage_options=c.storage_options)
                 .map(FoldPath(c.data_dir or "")))

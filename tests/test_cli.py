@@ -108,7 +108,7 @@ def test_inspect_counts_classes_and_plots(capsys, yesno_data, tmp_path):
                        str(tmp_path))
     assert code == 0
     assert "train: 10 samples" in out and "eval: 2 samples" in out
-    assert "labels: 0: " in out and "1: " in out
+    assert "labels: no: " in out and "  yes: " in out  # the recipe's class names
     assert "sample rates: 8000 Hz: 10" in out and "channels: 1: 10" in out
     assert "duration: min 5." in out
     for png in ("classes.png", "histograms.png", "waveforms.png"):
