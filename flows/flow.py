@@ -8,7 +8,7 @@
               .loader(num_workers=4))
 
 Each method returns a new Flow. ``loader()`` builds the node graph:
-Sampler -> Workers(stages) -> Gather(collate) -> Prefetcher -> PinMemory -> ToDevice.
+Sampler -> Workers(stages) -> Gather(collate) -> Prefetch (and pin) -> ToDevice.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torchdata.nodes import BaseNode, PinMemory, Prefetcher
+from torchdata.nodes import BaseNode
 
 from flows import audio, stages
 from flows.batching import Collate
@@ -29,6 +29,7 @@ from flows.cache import Cached
 from flows.errors import FlowsError
 from flows.loader import Loader
 from flows.nodes import Apply, Gather, Mix, OnError, ToDevice, Workers
+from flows.prefetch import Prefetch
 from flows.sampling import (
     DurationBuckets,
     FixedBatches,
@@ -213,14 +214,11 @@ class Flow:
         samplers: list[Sampler] = []
         root = self._build(num_workers, method, on_error, rank, world_size, mp_context, samplers,
                            collector)
-        wrappers: list[str] = []
-        if prefetch:
-            root, wrappers = Prefetcher(root, prefetch_factor=prefetch), ["snapshot", *wrappers]
-        if self.pin_memory and torch.cuda.is_available():
-            root, wrappers = PinMemory(root), ["snapshot", *wrappers]
+        wrappers = 0
+        if prefetch or (self.pin_memory and torch.cuda.is_available()):
+            root, wrappers = Prefetch(root, prefetch, pin=self.pin_memory), wrappers + 1
         if self.device is not None:
-            root = ToDevice(root, self.device, self.device_transform)
-            wrappers = ["source", *wrappers]
+            root, wrappers = ToDevice(root, self.device, self.device_transform), wrappers + 1
         return Loader(root, samplers, wrappers, stats=collector)
 
     def _build(self, num_workers: int, method: Literal["thread", "process"], on_error: OnError,

@@ -9,6 +9,7 @@ from torchdata.nodes import BaseNode
 from torchdata.nodes import Loader as _NodesLoader
 
 from flows.errors import FlowsError
+from flows.nodes import Gather, Mix
 from flows.sampling import Sampler
 
 if TYPE_CHECKING:
@@ -22,13 +23,15 @@ class Loader:
     kind of workers) with ``load_state_dict()``, continues with exactly the next batch.
     """
 
-    def __init__(self, root: BaseNode, samplers: list[Sampler], wrappers: list[str] | None = None,
+    def __init__(self, root: BaseNode, samplers: list[Sampler], wrappers: int = 0,
                  stats: Stats | None = None):
         self.root = root
         self.samplers = samplers
-        self.wrappers = wrappers or []  # state key of each node above the flow, outermost first
+        self.wrappers = wrappers  # nodes above the flow (prefetch, device), each {"source": ...}
         self._loader = _NodesLoader(root)
         self._stats = stats
+        self._pending: dict[str, Any] | None = None  # loaded, applied by the next iter()
+        self._batches = 0
         if stats is not None:
             stats.attach(root)
 
@@ -37,11 +40,20 @@ class Loader:
 
     def _epoch(self) -> Iterator[Any]:
         it = iter(self._loader)
+        restored, self._pending = self._pending, None
         if it._cached_item is None:
             # torchdata, restarting a loader restored at an epoch's end, keeps reporting that
             # end as its state for the whole next epoch: drop the stale state
             it._cached_state_dict = None
-        return it
+            self._batches = 0
+        else:  # restored mid-epoch: torchdata looked ahead one batch
+            self._batches = restored["batches"] if restored else 0
+        return self._count(it)
+
+    def _count(self, it: Iterator[Any]) -> Iterator[Any]:
+        for batch in it:
+            self._batches += 1
+            yield batch
 
     def stats(self, reset: bool = False) -> Report:
         """Per-node timings, queue depths and the bottleneck so far (a loader built with
@@ -54,8 +66,18 @@ class Loader:
         return report
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank (the first flow's, for a mix)."""
-        return len(self.samplers[0])
+        """Batches planned for this epoch on this rank: the exact count unless samples are
+        dropped (``on_error="skip"``, ``filter`` stages), then an upper bound, as a batch whose
+        every sample is dropped does not come; after an epoch, :attr:`batches` is its exact count."""
+        top = self.root
+        while not isinstance(top, (Mix, Gather)):
+            top = top.source
+        return top.planned(top.epoch) if isinstance(top, Mix) else len(self.samplers[0])
+
+    @property
+    def batches(self) -> int:
+        """Batches delivered so far in this epoch; once the epoch has ended, its exact count."""
+        return self._batches
 
     @property
     def epoch(self) -> int:
@@ -63,17 +85,25 @@ class Loader:
 
     def state_dict(self) -> dict[str, Any]:
         """The flow's position after the last batch delivered. It does not depend on workers,
-        prefetching, pinning or device placement, so any build of the same flow can load it."""
+        prefetching, pinning or device placement, so any build of the same flow can load it.
+        A state loaded and not yet iterated is returned as it is."""
+        if self._pending is not None:
+            return self._pending
         state = self._loader.state_dict()["root"]
-        for key in self.wrappers:  # prefetch/pin snapshot per item, so no step is pending
-            state = state[key]
-        return {"flow": state}
+        for _ in range(self.wrappers):
+            state = state["source"]
+        return {"flow": state, "batches": self._batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` at the next ``iter()``, whatever was iterated or saved before."""
         inner = state["flow"]
-        for key in reversed(self.wrappers):
-            inner = {key: inner, "steps_since_snapshot": 0} if key == "snapshot" else {key: inner}
+        for _ in range(self.wrappers):
+            inner = {"source": inner}
         self._loader.load_state_dict({"root": inner, "num_yielded": 0})
+        # a state_dict() on a fresh loader made an iterator that torchdata's next iter() would
+        # hand out as it is, ignoring the state loaded here
+        self._loader._iter_for_state_dict = False
+        self._pending = {"batches": 0, **state}
 
     def close(self) -> None:
         """Stop the background threads and worker processes now (also done by ``with loader:``).

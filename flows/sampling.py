@@ -173,11 +173,7 @@ class Sampler(BaseNode[Envelope]):
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
         if self._planned_epoch != epoch:
-            seed = self.order.seed or 0
-            batches = self.plan(self.order(self.source, epoch), self.source, seed, epoch)
-            # every rank gets one slice of every global batch: drop the ones too small to share
-            self._batches = [b for b in batches if len(b) >= self.world_size]
-            self._planned_epoch = epoch
+            self._batches, self._planned_epoch = self._planned(epoch), epoch
             if not self._batches:
                 raise EmptySourceError(
                     f"the {self.source.name} source has {len(self.source)} samples: too few for "
@@ -188,6 +184,19 @@ class Sampler(BaseNode[Envelope]):
     def __len__(self) -> int:
         """Batches per epoch for each rank."""
         return len(self._plan(self.epoch))
+
+    def planned(self, epoch: int) -> int:
+        """Batches of ``epoch`` for each rank."""
+        return len(self._batches) if epoch == self._planned_epoch else len(self._planned(epoch))
+
+    def _planned(self, epoch: int) -> list[np.ndarray]:
+        batches = self.plan(self.order(self.source, epoch), self.source, self.order.seed or 0, epoch)
+        # every rank gets one slice of every global batch: drop the ones too small to share
+        return [b for b in batches if len(b) >= self.world_size]
+
+    def seek(self, epoch: int) -> None:
+        """Make the next ``reset()`` without a state start ``epoch`` (a Mix restarting its flows)."""
+        self.epoch, self._started = epoch - 1, True
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
