@@ -36,7 +36,8 @@ class Prefetch(BaseNode):
         self.pin = pin and torch.cuda.is_available()
         self._device = torch.cuda.current_device() if self.pin else 0
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # set, and the thread stops after its current item
+        weakref.finalize(self, self._stop.set)  # dropped without close(): the thread ends too
         self._queue: queue.Queue[tuple[Any, Any, Any]] = queue.Queue()
         self._slots = threading.Semaphore(self.depth)
         self._state: dict = {}
@@ -47,10 +48,11 @@ class Prefetch(BaseNode):
         self._shutdown()
         self.source.reset(initial_state["source"] if initial_state else None)
         self._state, self._ended = self.source.state_dict(), False
-        self._stop = threading.Event()
+        self._stop.clear()
         self._queue, self._slots = queue.Queue(), threading.Semaphore(self.depth)
-        self._thread = threading.Thread(target=self._fill, name="flows-prefetch", daemon=True,
-                                        args=(self._stop, self._queue, self._slots))
+        self._thread = threading.Thread(target=_fill, name="flows-prefetch", daemon=True,
+                                        args=(self.source, self._device if self.pin else None,
+                                              self._stop, self._queue, self._slots))
         _running.add(self)
         self._thread.start()
 
@@ -74,25 +76,6 @@ class Prefetch(BaseNode):
         """(ready, capacity) of the items read ahead."""
         return self._queue.qsize(), self.depth
 
-    def _fill(self, stop: threading.Event, out: queue.Queue, slots: threading.Semaphore) -> None:
-        """The thread: next() on the source while a slot is free, until the end, an error or stop."""
-        if self.pin:
-            torch.cuda.set_device(self._device)
-        while not stop.is_set():
-            if not slots.acquire(timeout=_POLL) or stop.is_set():
-                continue
-            try:
-                item = next(self.source)
-                if self.pin:
-                    item = pin_memory(item)
-                out.put((None, item, self.source.state_dict()))
-            except StopIteration:
-                out.put((_END, None, self.source.state_dict()))
-                return
-            except BaseException as error:  # noqa: BLE001 - handed to the consumer as it is
-                out.put((error, None, None))
-                return
-
     def _shutdown(self) -> None:
         """Stop the thread, waiting for the item it is working on (``Loader.close()`` calls this)."""
         self._stop.set()
@@ -100,6 +83,26 @@ class Prefetch(BaseNode):
             self._thread.join()
         self._thread = None
         _running.discard(self)
+
+
+def _fill(source: BaseNode, pin: int | None, stop: threading.Event, out: queue.Queue,
+          slots: threading.Semaphore) -> None:
+    """The thread: next() on the source while a slot is free, until the end, an error or stop.
+    ``pin`` is the CUDA device to pin for, or None."""
+    if pin is not None:
+        torch.cuda.set_device(pin)
+    while not stop.is_set():
+        if not slots.acquire(timeout=_POLL) or stop.is_set():
+            continue
+        try:
+            item = next(source)
+            out.put((None, pin_memory(item) if pin is not None else item, source.state_dict()))
+        except StopIteration:
+            out.put((_END, None, source.state_dict()))
+            return
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer as it is
+            out.put((error, None, None))
+            return
 
 
 @atexit.register
