@@ -73,10 +73,10 @@ def _check_shapes(key: str, values: list[torch.Tensor], items: Sequence[Any], pa
             return
     elif len(set(shapes)) == 1:
         return
-    examples: dict[tuple[int, ...], str] = {}
+    examples: dict[tuple[int, ...], tuple[str, tuple[int, ...]]] = {}  # one sample per kind
     for i, (shape, item) in enumerate(zip(shapes, items, strict=True)):
-        examples.setdefault(shape, _name(item, i))
-    listed = ", ".join(f"{name} {list(shape)}" for shape, name in list(examples.items())[:4])
+        examples.setdefault(shape[:-1] if padded else shape, (_name(item, i), shape))
+    listed = ", ".join(f"{name} {list(shape)}" for name, shape in list(examples.values())[:4])
     same_rank = len({len(s) for s in shapes}) == 1
     if same_rank and len(shapes[0]) >= 2 and len({s[-2] for s in shapes}) > 1:
         advice = "channel counts differ: add .downmix() before batching"
@@ -86,7 +86,7 @@ def _check_shapes(key: str, values: list[torch.Tensor], items: Sequence[Any], pa
     else:
         advice = "make them equal with a stage before batching"
     raise StageError(f"cannot batch field {key!r}: shapes differ ({listed}); {advice}",
-                     stage="collate", sample=next(iter(examples.values())))
+                     stage="collate", sample=next(iter(examples.values()))[0])
 
 
 def _name(item: Any, index: int) -> str:

@@ -9,7 +9,7 @@ from torchdata.nodes import BaseNode
 from torchdata.nodes import Loader as _NodesLoader
 
 from flows.errors import FlowsError
-from flows.nodes import Gather, Mix
+from flows.nodes import Mix
 from flows.sampling import Sampler
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ class Loader:
         self._stats = stats
         self._pending: dict[str, Any] | None = None  # loaded, applied by the next iter()
         self._batches = 0
+        self._ended = False  # the last epoch iterated has ended: len() is the next one's
         if stats is not None:
             stats.attach(root)
 
@@ -48,12 +49,14 @@ class Loader:
             self._batches = 0
         else:  # restored mid-epoch: torchdata looked ahead one batch
             self._batches = restored["batches"] if restored else 0
+        self._ended = False
         return self._count(it)
 
     def _count(self, it: Iterator[Any]) -> Iterator[Any]:
         for batch in it:
             self._batches += 1
             yield batch
+        self._ended = True
 
     def stats(self, reset: bool = False) -> Report:
         """Per-node timings, queue depths and the bottleneck so far (a loader built with
@@ -66,13 +69,16 @@ class Loader:
         return report
 
     def __len__(self) -> int:
-        """Batches planned for this epoch on this rank: the exact count unless samples are
-        dropped (``on_error="skip"``, ``filter`` stages), then an upper bound, as a batch whose
-        every sample is dropped does not come; after an epoch, :attr:`batches` is its exact count."""
-        top = self.root
-        while not isinstance(top, (Mix, Gather)):
-            top = top.source
-        return top.planned(top.epoch) if isinstance(top, Mix) else len(self.samplers[0])
+        """Batches planned for the epoch in progress on this rank (between epochs: the next one).
+        The exact count unless samples are dropped (``on_error="skip"``, ``filter`` stages), then
+        an upper bound, as a batch whose every sample is dropped does not come; after an epoch,
+        :attr:`batches` is its exact count."""
+        top: Any = self.root
+        while not isinstance(top, (Mix, Sampler)):  # the node that plans the epoch
+            top = getattr(top, "source", None)
+            if not isinstance(top, BaseNode):
+                raise TypeError("this loader's graph has no Sampler or Mix to count batches with")
+        return top.planned(top.epoch + self._ended)
 
     @property
     def batches(self) -> int:

@@ -13,15 +13,16 @@ from typing import Any, TypeAlias
 
 import torch
 from torchdata.nodes import BaseNode
-from torchdata.nodes import Loader as _NodesLoader
 
-from flows.loader import Loader, _shutdown
+from flows.loader import Loader
 
 Buildable: TypeAlias = "Loader | BaseNode"
 
 
-def _loader(obj: Buildable) -> Any:
-    return _NodesLoader(obj) if isinstance(obj, BaseNode) else obj
+def _loader(obj: Buildable) -> Loader:
+    """A node in flows' Loader (which, unlike torchdata's, keeps a state loaded after a
+    ``state_dict()`` on a fresh loader)."""
+    return Loader(obj, []) if isinstance(obj, BaseNode) else obj
 
 
 def run_epochs(loader: Any, epochs: int) -> list[Any]:
@@ -199,10 +200,7 @@ def _closing(obj: Buildable) -> Iterator[Any]:
     try:
         yield loader
     finally:
-        if isinstance(loader, Loader):
-            loader.close()
-        else:
-            _shutdown(loader, set())
+        loader.close()
 
 
 def _consume(loader: Any, count: int, it: Iterator[Any] | None = None) -> list[Any]:
