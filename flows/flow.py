@@ -207,7 +207,10 @@ class Flow:
 
         ``num_workers`` threads or processes run the per-sample stages, in order, so the output
         does not depend on their number. ``rank``/``world_size`` default to torch.distributed's.
-        ``stats=True`` (or a :class:`~flows.stats.Stats`) times every node: ``loader.stats()``."""
+        ``prefetch`` batches are read ahead in one background thread (0: none; see
+        :class:`~flows.prefetch.Prefetch`). ``on_error="skip"`` skips failing samples and counts
+        them (``loader.skipped``). ``stats=True`` (or a :class:`~flows.stats.Stats`) times every
+        node: ``loader.stats()``."""
         if rank is None or world_size is None:
             rank, world_size = distributed_position()
         collector = (stats if isinstance(stats, Stats) else Stats()) if stats else None

@@ -114,7 +114,7 @@ class Loader:
     def close(self) -> None:
         """Stop the background threads and worker processes now (also done by ``with loader:``).
         A process must not exit with them running: native threads abort at interpreter exit."""
-        _shutdown(self._loader, set())
+        close_graph(self._loader)
 
     def __enter__(self) -> Loader:
         return self
@@ -124,12 +124,13 @@ class Loader:
 
     @property
     def skipped(self) -> int:
-        """Samples skipped on error (``on_error="skip"``) so far, as of the last batch delivered."""
+        """Samples skipped on error (``on_error="skip"``) in all epochs so far: as of the last
+        batch delivered, and, once an epoch has ended, every sample of it (after its last batch too)."""
         return _count(self.state_dict(), "skipped")
 
     @property
     def filtered(self) -> int:
-        """Samples removed by ``filter`` stages so far, as of the last batch delivered."""
+        """Samples removed by ``filter`` stages in all epochs so far (counted as :attr:`skipped`)."""
         return _count(self.state_dict(), "filtered")
 
 
@@ -143,8 +144,9 @@ def _count(state: Any, field: str) -> int:
     return 0
 
 
-def _shutdown(node: Any, seen: set[int]) -> None:
+def close_graph(node: Any, seen: set[int] | None = None) -> None:
     """Call ``_shutdown()`` on every node and torchdata iterator in the graph below ``node``."""
+    seen = set() if seen is None else seen
     if node is None or id(node) in seen:
         return
     seen.add(id(node))
@@ -154,4 +156,4 @@ def _shutdown(node: Any, seen: set[int]) -> None:
     for name in ("_it", "root", "source", "sources"):
         child = getattr(node, name, None)
         for c in child if isinstance(child, list) else [child]:
-            _shutdown(c, seen)
+            close_graph(c, seen)

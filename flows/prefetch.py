@@ -20,6 +20,8 @@ import torch
 from torch.utils.data._utils.pin_memory import pin_memory
 from torchdata.nodes import BaseNode
 
+from flows.loader import close_graph
+
 _POLL = 0.1  # seconds between looks at the stop flag while waiting
 _END = object()  # queued after the last item, with the state after the source's end
 _running: weakref.WeakSet[Prefetch] = weakref.WeakSet()
@@ -105,8 +107,12 @@ def _fill(source: BaseNode, pin: int | None, stop: threading.Event, out: queue.Q
             return
 
 
-@atexit.register
 def _stop_all() -> None:
-    """A loader nobody closed: stop its thread before the interpreter tears torch down."""
+    """At exit, for loaders nobody closed: stop their threads and worker pools before the
+    interpreter waits for worker threads and tears torch down."""
     for prefetch in list(_running):
-        prefetch._shutdown()
+        close_graph(prefetch)  # its thread first, then the workers below
+
+
+# like concurrent.futures: before the interpreter joins its threads (atexit would come after)
+getattr(threading, "_register_atexit", atexit.register)(_stop_all)

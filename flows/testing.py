@@ -1,8 +1,10 @@
 """Save/restore conformance checks, for flows' own nodes and for yours.
 
-``check_resume(build)`` runs a freshly built loader (or node) uninterrupted, then for each
-restore point saves its state after that many outputs, builds a *fresh* one (possibly with other
-settings, via ``rebuild``), loads the state and checks that the rest is identical.
+``check_resume(build)`` runs a freshly built loader (or node) uninterrupted, then saves its state
+at every point torchdata's own ``run_test_save_load_state`` does and more (mid-epoch, an epoch's
+last item, after the ``for`` loop, before anything, after a double reset, ...), loads each into a
+*fresh* one (possibly with other settings, via ``rebuild``) and checks that the rest is identical;
+it also checks torchdata's node contract on the graph's root.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def check_resume(build: Callable[[], Buildable], points: Iterable[int] | None = 
     if epochs > 1:
         _check_epoch_boundaries(build, resumed, reference, first)
     with _closing(build()) as loader:
-        _check_node(_root(loader), per_epoch)
+        _check_node(loader.root, per_epoch)
     return reference
 
 
@@ -187,10 +189,6 @@ def _assert_stops(node: BaseNode, where: str) -> None:
     except StopIteration:
         return
     raise AssertionError(f"{where}: {type(out).__name__} instead of StopIteration")
-
-
-def _root(loader: Any) -> BaseNode:
-    return loader.root
 
 
 @contextlib.contextmanager
