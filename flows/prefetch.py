@@ -11,6 +11,7 @@ counted while finding that end (samples skipped after the last batch).
 from __future__ import annotations
 
 import atexit
+import os
 import queue
 import threading
 import weakref
@@ -116,3 +117,5 @@ def _stop_all() -> None:
 
 # like concurrent.futures: before the interpreter joins its threads (atexit would come after)
 getattr(threading, "_register_atexit", atexit.register)(_stop_all)
+# a forked worker process has no prefetch thread, and the locks it copied may be held
+os.register_at_fork(after_in_child=_running.clear)
