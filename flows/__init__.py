@@ -7,6 +7,7 @@ from flows.errors import ColumnError, EmptySourceError, FlowsError, RemoteError,
 from flows.flow import Flow, distributed_position
 from flows.loader import Loader
 from flows.nodes import Apply, Gather, Mix, ToDevice, Workers
+from flows.prefetch import Prefetch
 from flows.sampling import (
     DurationBuckets,
     Envelope,
@@ -25,7 +26,7 @@ __all__ = [
     "AUDIO_EXTENSIONS", "Apply", "Cached", "Collate", "ColumnError", "Columns", "DecodeAudio", "DecodeTensor",
     "Downmix", "DurationBuckets", "EmptySourceError", "Envelope", "Files", "Filter",
     "FixedBatches", "Flow", "FlowsError", "Gather", "Items", "Loader", "Map", "Mix", "Normalize",
-    "Order", "PadTrim", "Plan", "RandomCrop", "ReadBytes", "RemoteError", "Report", "Resample",
+    "Order", "PadTrim", "Plan", "Prefetch", "RandomCrop", "ReadBytes", "RemoteError", "Report", "Resample",
     "Sampler", "Source", "Stage", "StageError", "Stats", "StratifiedBatches", "Subset", "Table",
     "ToDevice", "Workers", "distributed_position", "splits",
 ]

@@ -18,6 +18,7 @@ class StageError(FlowsError):
     @classmethod
     def at(cls, stage: str, sample: str, cause: BaseException | str) -> StageError:
         reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        reason = next((line for line in reason.splitlines() if line.strip()), reason)  # one line
         return cls(f"stage {stage!r} failed on {sample}: {reason}", stage, sample)
 
     def __reduce__(self):  # picklable across worker processes

@@ -8,7 +8,7 @@
               .loader(num_workers=4))
 
 Each method returns a new Flow. ``loader()`` builds the node graph:
-Sampler -> Workers(stages) -> Gather(collate) -> Prefetcher -> PinMemory -> ToDevice.
+Sampler -> Workers(stages) -> Gather(collate) -> Prefetch (and pin) -> ToDevice.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from torchdata.nodes import BaseNode, PinMemory, Prefetcher
+from torchdata.nodes import BaseNode
 
 from flows import audio, stages
 from flows.batching import Collate
@@ -31,6 +31,7 @@ from flows.cache import Cached
 from flows.errors import EmptySourceError, FlowsError
 from flows.loader import Loader
 from flows.nodes import Apply, Gather, Mix, OnError, ToDevice, Workers
+from flows.prefetch import Prefetch
 from flows.sampling import (
     DurationBuckets,
     FixedBatches,
@@ -245,21 +246,21 @@ class Flow:
 
         ``num_workers`` threads or processes run the per-sample stages, in order, so the output
         does not depend on their number. ``rank``/``world_size`` default to torch.distributed's.
-        ``stats=True`` (or a :class:`~flows.stats.Stats`) times every node: ``loader.stats()``."""
+        ``prefetch`` batches are read ahead in one background thread (0: none; see
+        :class:`~flows.prefetch.Prefetch`). ``on_error="skip"`` skips failing samples and counts
+        them (``loader.skipped``). ``stats=True`` (or a :class:`~flows.stats.Stats`) times every
+        node: ``loader.stats()``."""
         if rank is None or world_size is None:
             rank, world_size = distributed_position()
         collector = (stats if isinstance(stats, Stats) else Stats()) if stats else None
         samplers: list[Sampler] = []
         root = self._build(num_workers, method, on_error, rank, world_size, mp_context, samplers,
                            collector)
-        wrappers: list[str] = []
-        if prefetch:
-            root, wrappers = Prefetcher(root, prefetch_factor=prefetch), ["snapshot", *wrappers]
-        if self.pin_memory and torch.cuda.is_available():
-            root, wrappers = PinMemory(root), ["snapshot", *wrappers]
+        wrappers = 0
+        if prefetch or (self.pin_memory and torch.cuda.is_available()):
+            root, wrappers = Prefetch(root, prefetch, pin=self.pin_memory), wrappers + 1
         if self.device is not None:
-            root = ToDevice(root, self.device, self.device_transform)
-            wrappers = ["source", *wrappers]
+            root, wrappers = ToDevice(root, self.device, self.device_transform), wrappers + 1
         return Loader(root, samplers, wrappers, stats=collector)
 
     def dataset(self, num_workers: int = 0, method: Literal["thread", "process"] = "thread",

@@ -9,7 +9,7 @@ from torchdata.nodes import BaseNode
 from torchdata.nodes import Loader as _NodesLoader
 
 from flows.errors import FlowsError
-from flows.nodes import Gather, Workers
+from flows.nodes import Gather, Mix, Workers
 from flows.sampling import Sampler
 
 if TYPE_CHECKING:
@@ -26,13 +26,16 @@ class Loader:
     kind of workers) with ``load_state_dict()``, continues with exactly the next batch.
     """
 
-    def __init__(self, root: BaseNode, samplers: list[Sampler], wrappers: list[str] | None = None,
+    def __init__(self, root: BaseNode, samplers: list[Sampler], wrappers: int = 0,
                  stats: Stats | None = None):
         self.root = root
         self.samplers = samplers
-        self.wrappers = wrappers or []  # state key of each node above the flow, outermost first
+        self.wrappers = wrappers  # nodes above the flow (prefetch, device), each {"source": ...}
         self._loader = _NodesLoader(root)
         self._stats = stats
+        self._pending: dict[str, Any] | None = None  # loaded, applied by the next iter()
+        self._batches = 0
+        self._ended = False  # the last epoch iterated has ended: len() is the next one's
         if stats is not None:
             stats.attach(root)
 
@@ -43,11 +46,22 @@ class Loader:
 
     def _epoch(self) -> Iterator[Any]:
         it = iter(self._loader)
+        restored, self._pending = self._pending, None
         if it._cached_item is None:
             # torchdata, restarting a loader restored at an epoch's end, keeps reporting that
             # end as its state for the whole next epoch: drop the stale state
             it._cached_state_dict = None
-        return it
+            self._batches = 0
+        else:  # restored mid-epoch: torchdata looked ahead one batch
+            self._batches = restored["batches"] if restored else 0
+        self._ended = False
+        return self._count(it)
+
+    def _count(self, it: Iterator[Any]) -> Iterator[Any]:
+        for batch in it:
+            self._batches += 1
+            yield batch
+        self._ended = True
 
     def stats(self, reset: bool = False) -> Report:
         """Per-node timings, queue depths and the bottleneck so far (a loader built with
@@ -60,8 +74,21 @@ class Loader:
         return report
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank (the first flow's, for a mix)."""
-        return len(self.samplers[0])
+        """Batches planned for the epoch in progress on this rank (between epochs: the next one).
+        The exact count unless samples are dropped (``on_error="skip"``, ``filter`` stages), then
+        an upper bound, as a batch whose every sample is dropped does not come; after an epoch,
+        :attr:`batches` is its exact count."""
+        top: Any = self.root
+        while not isinstance(top, (Mix, Sampler)):  # the node that plans the epoch
+            top = getattr(top, "source", None)
+            if not isinstance(top, BaseNode):
+                raise TypeError("this loader's graph has no Sampler or Mix to count batches with")
+        return top.planned(top.epoch + self._ended)
+
+    @property
+    def batches(self) -> int:
+        """Batches delivered so far in this epoch; once the epoch has ended, its exact count."""
+        return self._batches
 
     @property
     def epoch(self) -> int:
@@ -69,19 +96,27 @@ class Loader:
 
     def state_dict(self) -> dict[str, Any]:
         """The flow's position after the last batch delivered. It does not depend on workers,
-        prefetching, pinning or device placement, so any build of the same flow can load it."""
+        prefetching, pinning or device placement, so any build of the same flow can load it.
+        A state loaded and not yet iterated is returned as it is."""
+        if self._pending is not None:
+            return self._pending
         state = self._loader.state_dict()["root"]
-        for key in self.wrappers:  # prefetch/pin snapshot per item, so no step is pending
-            state = state[key]
-        return {"flow": state}
+        for _ in range(self.wrappers):
+            state = state["source"]
+        return {"flow": state, "batches": self._batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` at the next ``iter()``, whatever was iterated or saved before."""
         if "flow" not in state or "workers" in state:
             raise FlowsError(_foreign(state))
         inner = state["flow"]
-        for key in reversed(self.wrappers):
-            inner = {key: inner, "steps_since_snapshot": 0} if key == "snapshot" else {key: inner}
+        for _ in range(self.wrappers):
+            inner = {"source": inner}
         self._loader.load_state_dict({"root": inner, "num_yielded": 0})
+        # a state_dict() on a fresh loader made an iterator that torchdata's next iter() would
+        # hand out as it is, ignoring the state loaded here
+        self._loader._iter_for_state_dict = False
+        self._pending = {"batches": 0, **state}
 
     # ---- what trainers read from a DataLoader (Lightning, accelerate, torchtitan) -----------------
     @property
@@ -108,7 +143,7 @@ class Loader:
     def close(self) -> None:
         """Stop the background threads and worker processes now (also done by ``with loader:``).
         A process must not exit with them running: native threads abort at interpreter exit."""
-        _shutdown(self._loader, set())
+        close_graph(self._loader)
 
     def __enter__(self) -> Loader:
         return self
@@ -118,12 +153,13 @@ class Loader:
 
     @property
     def skipped(self) -> int:
-        """Samples skipped on error (``on_error="skip"``) so far, as of the last batch delivered."""
+        """Samples skipped on error (``on_error="skip"``) in all epochs so far: as of the last
+        batch delivered, and, once an epoch has ended, every sample of it (after its last batch too)."""
         return _count(self.state_dict(), "skipped")
 
     @property
     def filtered(self) -> int:
-        """Samples removed by ``filter`` stages so far, as of the last batch delivered."""
+        """Samples removed by ``filter`` stages in all epochs so far (counted as :attr:`skipped`)."""
         return _count(self.state_dict(), "filtered")
 
 
@@ -158,8 +194,9 @@ def _count(state: Any, field: str) -> int:
     return 0
 
 
-def _shutdown(node: Any, seen: set[int]) -> None:
+def close_graph(node: Any, seen: set[int] | None = None) -> None:
     """Call ``_shutdown()`` on every node and torchdata iterator in the graph below ``node``."""
+    seen = set() if seen is None else seen
     if node is None or id(node) in seen:
         return
     seen.add(id(node))
@@ -169,4 +206,4 @@ def _shutdown(node: Any, seen: set[int]) -> None:
     for name in ("_it", "root", "source", "sources"):
         child = getattr(node, name, None)
         for c in child if isinstance(child, list) else [child]:
-            _shutdown(c, seen)
+            close_graph(c, seen)

@@ -415,7 +415,8 @@ class Gather(BaseNode):
     """Regroups Envelopes into this rank's batches (or single items when ``batched`` is False).
 
     Failed samples raise :class:`StageError` (``on_error="raise"``) or are skipped and counted
-    (``on_error="skip"``); filtered samples are counted. The counts are part of the state."""
+    (``on_error="skip"``); filtered samples are counted. The counts run over all epochs and are
+    part of the state."""
 
     def __init__(self, source: BaseNode, collate: Callable | None = None, batched: bool = True,
                  on_error: OnError = "raise"):
@@ -428,9 +429,11 @@ class Gather(BaseNode):
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
-        state = initial_state or {}
-        self.source.reset(state.get("source"))
-        self.skipped, self.filtered = state.get("skipped", 0), state.get("filtered", 0)
+        if initial_state is None:  # a new epoch: the counts go on
+            self.source.reset(None)
+        else:
+            self.source.reset(initial_state["source"])
+            self.skipped, self.filtered = initial_state["skipped"], initial_state["filtered"]
 
     def next(self) -> Any:
         items: list[Any] = []
@@ -463,46 +466,103 @@ class Mix(BaseNode):
 
     The choice at step ``s`` of epoch ``e`` is a pure function of (seed, e, s), so every rank
     makes the same choices. ``stop="first"`` ends the epoch when a drawn source is exhausted;
-    ``stop="all"`` restarts exhausted sources until each has finished once."""
+    ``stop="all"`` restarts exhausted sources until each has finished once. Epoch ``e`` plays
+    each source's epoch ``e`` and, for its ``r``-th restart, epoch ``e + r``: an epoch's content
+    never depends on how far earlier epochs ran, or how often the Mix was reset."""
 
     def __init__(self, sources: Sequence[BaseNode], weights: Sequence[float], seed: int = 0,
                  stop: Literal["first", "all"] = "first"):
         super().__init__()
         if len(sources) != len(weights) or not sources:
             raise FlowsError("Mix needs one weight per flow, and at least one flow")
+        if stop not in ("first", "all"):
+            raise FlowsError(f"stop must be 'first' or 'all', not {stop!r}")
         self.sources, self.seed, self.stop = list(sources), seed, stop
         self.weights = np.asarray(weights, dtype=float) / float(np.sum(weights))
         self.epoch, self._started = 0, False
+        self._lengths: dict[int, int] = {}
+
+    def seek(self, epoch: int) -> None:
+        """Make the next ``reset()`` without a state start ``epoch``."""
+        self.epoch, self._started = epoch - 1, True
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
         if initial_state is not None:
             self.epoch, self.step = initial_state["epoch"], initial_state["step"]
             self.done = list(initial_state["done"])
+            self.restarts = list(initial_state.get("restarts", [0] * len(self.sources)))
+            self.ended = initial_state.get("ended", False)
             for source, state in zip(self.sources, initial_state["sources"], strict=True):
                 source.reset(state)
         else:
             self.epoch += 1 if self._started else 0
-            self.step, self.done = 0, [False] * len(self.sources)
+            self.step, self.ended = 0, False
+            self.done, self.restarts = [False] * len(self.sources), [0] * len(self.sources)
             for source in self.sources:
+                _seek(source, self.epoch)
                 source.reset()
         self._started = True
 
     def next(self) -> Any:
-        while True:
-            pick = int(rng(self.seed, self.epoch, self.step).choice(len(self.sources), p=self.weights))
+        while not self.ended:
+            pick = self._pick(self.epoch, self.step)
             self.step += 1
             try:
                 return next(self.sources[pick])
             except StopIteration:
                 self.done[pick] = True
-                if self.stop == "first" or all(self.done):
-                    raise
-                self.sources[pick].reset()
+                self.ended = self.stop == "first" or all(self.done)
+                if not self.ended:
+                    self.restarts[pick] += 1
+                    _seek(self.sources[pick], self.epoch + self.restarts[pick])
+                    self.sources[pick].reset()
+        raise StopIteration  # every time, until the next reset
 
     def get_state(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "done": list(self.done),
+                "restarts": list(self.restarts), "ended": self.ended,
                 "sources": [s.state_dict() for s in self.sources]}
+
+    def planned(self, epoch: int) -> int:
+        """Items in ``epoch`` when every source delivers all it plans (no sample dropped)."""
+        if epoch not in self._lengths:
+            left = [_planned(source, epoch) for source in self.sources]
+            done, restarts = [False] * len(left), [0] * len(left)
+            step = count = 0
+            while True:
+                pick = self._pick(epoch, step)
+                step += 1
+                if left[pick]:
+                    left[pick], count = left[pick] - 1, count + 1
+                    continue
+                done[pick] = True
+                if self.stop == "first" or all(done):
+                    break
+                restarts[pick] += 1
+                left[pick] = _planned(self.sources[pick], epoch + restarts[pick])
+            self._lengths[epoch] = count
+        return self._lengths[epoch]
+
+    def _pick(self, epoch: int, step: int) -> int:
+        return int(rng(self.seed, epoch, step).choice(len(self.sources), p=self.weights))
+
+
+def _epoch_owner(node: Any) -> Any:
+    """The node under ``node`` that numbers its epochs (a Sampler or a Mix)."""
+    while not hasattr(node, "seek"):
+        node = node.source
+    return node
+
+
+def _seek(node: BaseNode, epoch: int) -> None:
+    """Make the next ``node.reset()`` without a state start ``epoch``."""
+    _epoch_owner(node).seek(epoch)
+
+
+def _planned(node: BaseNode, epoch: int) -> int:
+    """Outputs of ``node`` in ``epoch`` when no sample is dropped."""
+    return _epoch_owner(node).planned(epoch)
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:

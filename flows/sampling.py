@@ -385,13 +385,7 @@ class Sampler(BaseNode[Envelope]):
 
     def _plan(self, epoch: int) -> Batches:
         if self._planned_epoch != epoch:
-            seed = self.order.seed or 0
-            batches = self.plan(self.order(self.source, epoch), self.source, seed, epoch)
-            if not isinstance(batches, Batches):
-                batches = Segments.of(batches)
-            # every rank gets one slice of every global batch: drop the ones too small to share
-            self._batches = batches.at_least(self.world_size)
-            self._planned_epoch = epoch
+            self._batches, self._planned_epoch = self._planned(epoch), epoch
             self._mine = (-1, np.zeros(0, np.int64))
             if not len(self._batches):
                 raise EmptySourceError(
@@ -403,6 +397,21 @@ class Sampler(BaseNode[Envelope]):
     def __len__(self) -> int:
         """Batches per epoch for each rank."""
         return len(self._plan(self.epoch))
+
+    def planned(self, epoch: int) -> int:
+        """Batches of ``epoch`` for each rank."""
+        return len(self._batches) if epoch == self._planned_epoch else len(self._planned(epoch))
+
+    def _planned(self, epoch: int) -> Batches:
+        batches = self.plan(self.order(self.source, epoch), self.source, self.order.seed or 0, epoch)
+        if not isinstance(batches, Batches):
+            batches = Segments.of(batches)
+        # every rank gets one slice of every global batch: drop the ones too small to share
+        return batches.at_least(self.world_size)
+
+    def seek(self, epoch: int) -> None:
+        """Make the next ``reset()`` without a state start ``epoch`` (a Mix restarting its flows)."""
+        self.epoch, self._started = epoch - 1, True
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)

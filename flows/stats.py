@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torchdata.nodes import BaseNode, Prefetcher
+from torchdata.nodes import BaseNode
 
 from flows.errors import FlowsError
 from flows.loader import Loader
 from flows.nodes import Apply, Workers
+from flows.prefetch import Prefetch
 from flows.sampling import Envelope
 from flows.stages import Filter, stage_name
 
@@ -168,14 +169,6 @@ def _workers_queues(workers: Workers) -> tuple[int, int, int] | None:
     return workers.queues() if workers.num_workers else None
 
 
-def _prefetch_queue(prefetcher: Prefetcher) -> tuple[int, int] | None:
-    """(ready, capacity) of torchdata's Prefetcher, None when unknown."""
-    try:
-        return prefetcher._it._q.qsize(), prefetcher.prefetch_factor  # type: ignore[union-attr]
-    except (AttributeError, NotImplementedError):
-        return None
-
-
 # ---- the collector --------------------------------------------------------------------------
 
 
@@ -204,7 +197,7 @@ class Stats:
         self.origin = _now()
         self.workers = 1
         self._lock = threading.Lock()
-        self._prefetcher: Prefetcher | None = None
+        self._prefetcher: Prefetch | None = None
         self.clear()
 
     def clear(self) -> None:
@@ -234,7 +227,7 @@ class Stats:
     def attach(self, root: BaseNode) -> None:
         """Find the prefetcher under the loader's root (its queue depth is sampled per batch)."""
         node: Any = root
-        while node is not None and not isinstance(node, Prefetcher):
+        while node is not None and not isinstance(node, Prefetch):
             node = getattr(node, "source", None)
         self._prefetcher = node
 
@@ -291,9 +284,7 @@ class Stats:
         previous = start
         while True:
             if self._prefetcher is not None:
-                depth = _prefetch_queue(self._prefetcher)
-                if depth is not None:
-                    self._queue("prefetch: ready batches", *depth)
+                self._queue("prefetch: ready batches", *self._prefetcher.queues())
             asked = _now()
             try:
                 batch = next(iterator)

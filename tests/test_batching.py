@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import pytest
 import torch
 
-from flows import Flow, FlowsError
+from flows import Flow, FlowsError, StageError
 from flows.testing import run_epochs
 
 
@@ -38,8 +39,26 @@ def test_variable_length_collation_has_lengths_and_mask():
 
 
 def test_unequal_shapes_without_padding_say_what_to_do():
-    with pytest.raises(FlowsError, match="pad or crop"):
+    with pytest.raises(FlowsError, match=r"c0 \[1, 5\], c1 \[1, 7\]\); lengths differ: pad or crop"):
         next(iter(Flow.items(clips([5, 7])).batch(2).loader()))
+
+
+@pytest.mark.parametrize("variable", [False, True])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_mixed_channel_counts_name_the_samples_and_say_downmix(variable, on_error, prefetch):
+    records = [{"key": f"k{i}", "path": f"/data/{'stereo' if i == 2 else 'mono'}{i}.wav",
+                "audio": torch.ones(2 if i == 2 else 1, 8 + i)} for i in range(4)]
+    flow = Flow.items(records).pad(8) if not variable else Flow.items(records)
+    with pytest.raises(StageError) as info:
+        list(flow.batch(4, variable=variable).loader(on_error=on_error, prefetch=prefetch))
+    message = str(info.value)
+    assert re.fullmatch(r"cannot batch field 'audio': shapes differ \(/data/mono0.wav \[1, \d+\], "
+                        r"/data/stereo2.wav \[2, \d+\]\); channel counts differ: add \.downmix\(\) "
+                        r"before batching", message), message
+    assert (info.value.stage, info.value.sample) == ("collate", "/data/mono0.wav")
+    batches = list(flow.downmix().batch(4, variable=variable).loader(on_error=on_error, prefetch=prefetch))
+    assert batches[0]["audio"].shape[:2] == (4, 1)
 
 
 def test_stratified_batches_are_balanced():

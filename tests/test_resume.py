@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pytest
 import torch
 
 from flows import Flow
+from flows.batching import Collate
+from flows.nodes import Apply, Gather, Mix, ToDevice, Workers
+from flows.prefetch import Prefetch
+from flows.sampling import FixedBatches, Order, Sampler
+from flows.sources import Items
 from flows.testing import assert_same, check_resume, run_epochs
 
 
@@ -119,3 +126,108 @@ def test_state_saved_again_after_restoring_at_an_epoch_end():
     third.load_state_dict(second.state_dict())
     out += list(third)
     assert_same(out, reference[3:])
+
+
+def plain(n: int) -> list[dict]:
+    """Records without tensors: node outputs (Envelopes) compare with ==."""
+    return [{"key": f"p{i}", "i": i, "label": i % 3} for i in range(n)]
+
+
+def sampler(n: int = 13, seed: int = 2, size: int = 3) -> Sampler:
+    return Sampler(Items(plain(n)), Order(seed), FixedBatches(size))
+
+
+def gathered(n: int = 13, seed: int = 2, workers: int = 0) -> Gather:
+    return Gather(Workers(sampler(n, seed), Apply([]), workers), Collate())
+
+
+NODES = {
+    "Sampler": lambda: sampler(),
+    "Workers, inline": lambda: Workers(sampler(), Apply([]), 0),
+    "Workers, 2 threads": lambda: Workers(sampler(), Apply([]), 2),
+    "Workers, 2 processes": lambda: Workers(sampler(), Apply([]), 2, "process"),
+    "Gather": lambda: gathered(),
+    "Mix, stop first": lambda: Mix([gathered(), gathered(5, 7)], [0.6, 0.4], seed=1, stop="first"),
+    "Mix, stop all": lambda: Mix([gathered(), gathered(5, 7)], [0.6, 0.4], seed=1, stop="all"),
+    "Mix of mixes": lambda: Mix([Mix([gathered(), gathered(4, 1)], [1, 1], 2, "all"), gathered(5, 7)],
+                                [0.5, 0.5], seed=1, stop="all"),
+    "Prefetch": lambda: Prefetch(gathered(workers=2), 2),
+    "ToDevice": lambda: ToDevice(gathered(), "cpu", transform=lambda b: {**b, "n": len(b["key"])}),
+}
+
+
+@pytest.mark.parametrize("name", NODES)
+def test_every_node_passes_check_resume(name):
+    """Every node type, on its own, through every save point of torchdata's helper and its
+    node contract (flows.testing.check_resume)."""
+    check_resume(NODES[name], epochs=3)
+
+
+def mixed(stop: str) -> Flow:
+    return Flow.mix([flow().batch(2), Flow.items(records(9)).shuffle(seed=5).batch(3)],
+                    weights=[0.7, 0.3], seed=1, stop=stop)
+
+
+LOADERS = {
+    "workers 0, prefetch 0": lambda: flow().batch(4).loader(prefetch=0),
+    "workers 1 thread, prefetch 1": lambda: flow().batch(4).loader(num_workers=1, prefetch=1),
+    "workers 4 threads": lambda: flow().batch(4).loader(num_workers=4),
+    "workers 4 processes": lambda: flow().batch(4).loader(num_workers=4, method="process"),
+    "stratify": lambda: flow().stratify("label", 3).loader(num_workers=1),
+    "bucket": lambda: flow().bucket(max_seconds=7.0, variable=False).loader(num_workers=1),
+    "unbatched": lambda: flow().loader(),
+    "crop": lambda: Flow.items([{"key": f"a{i}", "audio": torch.arange(20.0 + i).reshape(1, -1)}
+                                for i in range(10)]).shuffle(seed=1).crop(8).batch(3).loader(),
+    "mix first": lambda: mixed("first").loader(num_workers=2),
+    "mix all": lambda: mixed("all").loader(),
+    "mix all, prefetch 0": lambda: mixed("all").loader(prefetch=0),
+    "pin, to cpu": lambda: flow().batch(4).pin().to("cpu").loader(num_workers=2),
+    "stats": lambda: flow().batch(4).loader(num_workers=2, stats=True),
+    "skip and filter": lambda: Flow.items(records()).shuffle(seed=3).map(FailOn({"s3", "s20"}))
+                               .filter(lambda r: r["key"] != "s7").batch(4).loader(on_error="skip"),
+}
+
+
+@pytest.mark.parametrize("name", LOADERS)
+def test_every_loader_configuration_passes_check_resume(name):
+    check_resume(LOADERS[name], epochs=3)
+
+
+class FailOn:
+    """A picklable stage failing on the samples whose keys it is given."""
+
+    def __init__(self, keys: set[str]) -> None:
+        self.keys = keys
+
+    def __call__(self, item: dict) -> dict:
+        if item["key"] in self.keys:
+            raise ValueError(f"cannot read {item['key']}")
+        return item
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_mix_all_epochs_do_not_depend_on_how_far_earlier_epochs_ran(prefetch):
+    """Epoch 2 of a stop="all" mix is the same after full epochs, after partial ones, after a
+    double reset and after a restore at the end of an epoch."""
+    whole = mixed("all").loader(prefetch=prefetch)
+    reference = [keys(whole) for _ in range(3)]
+    assert reference[0] != reference[1] != reference[2]
+    partial = mixed("all").loader(prefetch=prefetch)
+    for _ in range(2):
+        next(iter(partial))  # epochs 0 and 1 cut short after one batch
+    assert keys(partial) == reference[2]
+    double = mixed("all").loader(prefetch=prefetch)
+    iter(double)
+    assert keys(iter(double)) == reference[1]  # the second reset starts epoch 1
+    assert keys(double) == reference[2]
+    ended = mixed("all").loader(prefetch=prefetch)
+    for _ in range(2):
+        for _ in ended:
+            pass
+    resumed = mixed("all").loader(prefetch=prefetch)
+    resumed.load_state_dict(ended.state_dict())
+    assert keys(resumed) == reference[2]
+
+
+def keys(batches: Iterable[dict]) -> list[list[str]]:
+    return [b["key"] for b in batches]
