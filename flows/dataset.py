@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from flows.errors import EmptySourceError, FlowsError
 from flows.nodes import Mix, OnError
-from flows.sampling import Plan
+from flows.sampling import Batches, Plan, Segments
 
 MAX_WORKERS = 1024
 
@@ -55,8 +55,28 @@ class Strided(Plan):
     index: int
     count: int
 
-    def __call__(self, order: np.ndarray, source: Source, seed: int, epoch: int) -> list[np.ndarray]:
-        return self.plan(order, source, seed, epoch)[self.index :: self.count]
+    def __call__(self, order: np.ndarray, source: Source, seed: int, epoch: int) -> Batches:
+        batches = self.plan(order, source, seed, epoch)
+        return _Every(batches if isinstance(batches, Batches) else Segments.of(batches),
+                      self.index, self.count)
+
+
+class _Every(Batches):
+    """Every ``count``-th of ``batches`` from ``index`` on, looked up when asked."""
+
+    def __init__(self, batches: Batches, index: int, count: int):
+        self.batches, self.index, self.count = batches, index, count
+
+    def __len__(self) -> int:
+        return len(range(self.index, len(self.batches), self.count))
+
+    def __getitem__(self, b: int) -> np.ndarray:
+        if not 0 <= b < len(self):
+            raise IndexError(b)
+        return self.batches[self.index + b * self.count]
+
+    def at_least(self, size: int) -> _Every:
+        return _Every(self.batches.at_least(size), self.index, self.count)
 
 
 @dataclass(frozen=True)

@@ -60,12 +60,15 @@ def check_resume(build: Callable[[], Buildable], points: Iterable[int] | None = 
       whose ``state_dict()`` was asked first (as StatefulDataLoader's workers do);
     - before anything (a fresh loader's state), and after ``iter()`` before the first ``next()``;
     - after the ``for`` loop of an epoch (the next full epoch comes);
-    - after a partial epoch or a double reset (``iter()`` twice): the next epoch is the same;
+    - after a partial epoch (the next epoch is the same) or a double ``iter()`` (an epoch starts
+      at its first ``next()``, so both begin the same epoch);
     - into the loader that saved them, in turn, as torchdata's helper does;
     - and torchdata's node contract on the graph's root: ``state_dict()`` on a fresh node,
       StopIteration every time after the end, ``reset(state)`` to the start, the middle and the
       end of an epoch (the end gives StopIteration; the next ``reset()`` the next epoch).
 
+    The last three apply to flows' loaders and nodes; another loader (a StatefulDataLoader over
+    ``flow.dataset()``) is checked at the points before them, its epoch ends being its own.
     Returns the uninterrupted outputs."""
     rebuild = rebuild or build
     per_epoch = _epochs(build, epochs)
@@ -88,10 +91,13 @@ def check_resume(build: Callable[[], Buildable], points: Iterable[int] | None = 
         resumed(state, f"restore after {point} outputs", start=point)
         resumed(state, f"restore after {point} outputs, state_dict() asked first", True, point)
     with _closing(build()) as loader:
+        native = isinstance(loader, Loader)
         resumed(loader.state_dict(), "restore of a fresh loader's state")
         it = iter(loader)
         resumed(loader.state_dict(), "restore before the first next()")
         assert_same(_consume(loader, len(reference), it), reference, "a fresh loader")
+    if not native:  # another loader (a StatefulDataLoader): the points above; its own epoch rules
+        return reference
     _check_reused(build, reference, first)
     if epochs > 1:
         _check_epoch_boundaries(build, resumed, reference, first)
@@ -148,9 +154,9 @@ def _check_epoch_boundaries(build: Callable[[], Buildable], resumed: Callable[..
         assert_same(_consume(loader, len(rest)), rest, "the epoch after a partial epoch")
     with _closing(build()) as loader:
         iter(loader)
-        it = iter(loader)
-        resumed(loader.state_dict(), "restore after a double reset", start=first)
-        assert_same(_consume(loader, len(rest), it), rest, "the epoch after a double reset")
+        it = iter(loader)  # an epoch starts at its first next(): both iter()s begin the first
+        resumed(loader.state_dict(), "restore after a double reset")
+        assert_same(_consume(loader, len(reference), it), reference, "the epochs after a double reset")
 
 
 def _check_node(node: BaseNode, per_epoch: list[list[Any]]) -> None:
@@ -198,7 +204,8 @@ def _closing(obj: Buildable) -> Iterator[Any]:
     try:
         yield loader
     finally:
-        loader.close()
+        if hasattr(loader, "close"):
+            loader.close()
 
 
 def _consume(loader: Any, count: int, it: Iterator[Any] | None = None) -> list[Any]:

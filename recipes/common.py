@@ -142,19 +142,23 @@ def audio_chain(flow: Flow, config: AudioConfig, train: bool, embedded: str | No
 
 def native_rate(source: Source, storage_options: dict | None = None, probe: int = 100) -> int:
     """The sample rate shared by the files at the records' ``path``, read from the headers of up
-    to ``probe`` files spread evenly over ``source``; when they differ, :data:`DEFAULT_RATE`
+    to ``probe`` files spread evenly over ``source`` (unreadable ones are left to the pipeline's
+    error handling); when they differ, :data:`DEFAULT_RATE`
     with a warning naming the rates found. (Every clip is resampled to the rate chosen, so a file
     outside the probe at another rate is still converted.)"""
     n = len(source)
     picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, probe))}) if n else []
     rates: Counter[int] = Counter()
+    unreadable: list[str] = []  # left to the pipeline: an error there, or skipped and counted
     for i in picks:
         path = source[i]["path"]
         try:
             with io.open_file(path, storage_options) as f:
                 rates[soundfile.info(f).samplerate] += 1
         except Exception as e:  # noqa: BLE001 - one line naming the file
-            raise FlowsError(f"cannot read the audio header of {path}: {type(e).__name__}: {e}") from e
+            unreadable.append(f"{path}: {type(e).__name__}: {e}")
+    if picks and not rates:
+        raise FlowsError(f"cannot read the audio header of {unreadable[0]}")
     if len(rates) == 1:
         rate = next(iter(rates))
         log.info("sample rate: %d Hz, the files' own (%d files probed; --sample-rate resamples)",
