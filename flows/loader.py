@@ -77,7 +77,9 @@ class Loader:
 
     def close(self) -> None:
         """Stop the background threads and worker processes now (also done by ``with loader:``).
-        A process must not exit with them running: native threads abort at interpreter exit."""
+        A process must not exit with them running: native threads abort at interpreter exit.
+        Work read ahead is cancelled first, so nothing waits for it."""
+        _shutdown(self._loader, set(), "_cancel")
         _shutdown(self._loader, set())
 
     def __enter__(self) -> Loader:
@@ -107,15 +109,15 @@ def _count(state: Any, field: str) -> int:
     return 0
 
 
-def _shutdown(node: Any, seen: set[int]) -> None:
-    """Call ``_shutdown()`` on every node and torchdata iterator in the graph below ``node``."""
+def _shutdown(node: Any, seen: set[int], method: str = "_shutdown") -> None:
+    """Call ``method()`` on every node and torchdata iterator in the graph below ``node``."""
     if node is None or id(node) in seen:
         return
     seen.add(id(node))
-    stop = getattr(node, "_shutdown", None)
+    stop = getattr(node, method, None)
     if callable(stop):
         stop()
     for name in ("_it", "root", "source", "sources"):
         child = getattr(node, name, None)
         for c in child if isinstance(child, list) else [child]:
-            _shutdown(c, seen)
+            _shutdown(c, seen, method)
