@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from flows import Flow, FlowsError, StageError
+from flows.nodes import training_threads
 from flows.testing import assert_same, check_resume, run_epochs
 
 
@@ -258,3 +259,37 @@ def test_sigterm_cancels_the_work_read_ahead(tmp_path):
         proc.kill()
         proc.wait()
 
+
+
+def torch_threads(item: dict) -> dict:
+    return {**item, "threads": torch.get_num_threads()}
+
+
+def threads_of_a_new_thread() -> int:
+    """torch's intra-op thread count as a thread starting now gets it."""
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_thread_workers_use_one_torch_thread_and_leave_the_default_alone():
+    default = threads_of_a_new_thread()
+    loader = Flow.items(records(8)).map(torch_threads).batch(4).loader(num_workers=2)
+    assert {t for b in run_epochs(loader, 1) for t in b["threads"].tolist()} == {1}
+    assert threads_of_a_new_thread() == default
+    loader.close()
+
+
+def test_training_threads_leave_a_core_per_worker(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert training_threads(0) == cores
+    assert training_threads(1) == max(1, cores - 1)
+    assert training_threads(cores + 3) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # one rank per core
+    assert training_threads(0) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
+    assert training_threads(2) == 3
