@@ -87,7 +87,8 @@ def warm_page_cache(paths: list[str]) -> None:
 # ---- the loaders --------------------------------------------------------------------------------
 
 
-def flows_loader(ds: dict, workers: int, method: str, cache: str | None = None) -> Any:
+def flows_flow(ds: dict) -> Any:
+    """flows' pipeline for ``ds``, up to the batching."""
     from flows import Flow
 
     root = Path(ds["root"])
@@ -97,7 +98,11 @@ def flows_loader(ds: dict, workers: int, method: str, cache: str | None = None) 
                           path_column="audio_path", root=str(root))
     else:
         flow = Flow.files(ds["root"])
-    flow = flow.shuffle(seed=0).read().decode_audio().downmix().resample(RATE).pad(FRAMES)
+    return flow.shuffle(seed=0).read().decode_audio().downmix().resample(RATE).pad(FRAMES)
+
+
+def flows_loader(ds: dict, workers: int, method: str, cache: str | None = None) -> Any:
+    flow = flows_flow(ds)
     if cache:
         flow = flow.cache(cache)
     return flow.batch(BATCH).loader(num_workers=workers, method=method)  # type: ignore[arg-type]
