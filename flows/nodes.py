@@ -206,11 +206,11 @@ class Workers(BaseNode):
         if not self._pending:
             raise StopIteration
         task, states, keys = self._pending.popleft()
-        if isinstance(task, BaseException):
-            raise task
-        self._fill()  # keep the workers busy while this task finishes
-        assert self._pool is not None
         try:
+            if isinstance(task, BaseException):
+                raise task
+            self._fill()  # keep the workers busy while this task finishes
+            assert self._pool is not None
             outs = self._pool.result(task)
         except _WorkerDied as error:
             self._stop_pool()
@@ -246,7 +246,13 @@ class Workers(BaseNode):
                 return
             if self._pool is None:
                 self._pool = _start_pool(self.fn, self.num_workers, self.method, self.mp_context)
-            self._pending.append((self._pool.submit(envelopes), states, [e.key for e in envelopes]))
+            keys = [e.key for e in envelopes]
+            try:
+                self._pending.append((self._pool.submit(envelopes), states, keys))
+            except _WorkerDied as error:  # raised in order, naming the task's first sample
+                self._pending.append((error, states, keys))
+                self._exhausted = True
+                return
 
     def _cancel(self) -> None:
         """Tell the tasks running now to stop before their next sample (no lock: a next() in

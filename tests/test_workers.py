@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows import Flow, FlowsError, StageError
+from flows import Flow, FlowsError, StageError, nodes
 from flows.nodes import training_threads
 from flows.testing import assert_same, check_resume, run_epochs
 
@@ -127,16 +127,17 @@ def _running(pid: int) -> bool:
 def tensors(item: dict) -> dict:
     """Tensors of several kinds, sizes and layouts, from the item's index."""
     g = torch.Generator().manual_seed(item["i"])
-    big = 3_000_000 if item["i"] % 5 == 0 else 10  # 12 MB: more than a worker's shared slot
+    big = 3_000_000 if item["i"] % 5 == 0 else 10  # 12 MB: more than a shared slot (see below)
     return {**item, "audio": torch.randn(2, 4000, generator=g).T,  # not contiguous
             "big": torch.rand(big, generator=g), "ids": torch.arange(item["i"], dtype=torch.int16),
             "half": torch.rand(3, generator=g).to(torch.bfloat16), "empty": torch.zeros(0, 5),
             "nested": [{"x": torch.full((2,), float(item["i"]))}]}
 
 
-def test_process_workers_return_tensors_exactly():
+def test_process_workers_return_tensors_exactly(monkeypatch):
     """Process workers hand tensors back through shared memory, or the pipe when too large or
     of a dtype numpy lacks: bit for bit what threads give, with dtypes and shapes."""
+    monkeypatch.setattr(nodes, "SLOT_BYTES", 1 << 20)  # forked workers see it: 12 MB arrays use the pipe
     flow = Flow.items(records(16)).shuffle(seed=3).map(tensors)
     threads, processes = (run_epochs(flow.loader(num_workers=2, method=m), 2)
                           for m in ("thread", "process"))
@@ -254,7 +255,7 @@ def test_sigterm_cancels_the_work_read_ahead(tmp_path):
         while time.monotonic() < deadline and any(_running(p) for p in pids):
             time.sleep(0.05)
         assert not any(_running(p) for p in pids)
-        assert started(tmp_path) - before <= len(pids)
+        assert started(tmp_path) - before <= 2  # at most one sample per worker
     finally:
         proc.kill()
         proc.wait()
