@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import itertools
 import mmap
 import multiprocessing
@@ -153,8 +155,8 @@ class Workers(BaseNode):
     last output yielded>}``, the same for any number or kind of workers, and a restore never
     maps a consumed sample again.
 
-    The pool starts with the first epoch and lives until :meth:`close` (``Loader.close()``):
-    epochs and restores reuse it. A restore or ``close()`` cancels the tasks read ahead: each
+    The pool starts with the first epoch and lives until ``Loader.close()``: epochs and
+    restores reuse it. A restore or ``close()`` cancels the tasks read ahead: each
     stops before its next sample (a worker finishes at most the sample it is on).
     """
 
@@ -166,7 +168,7 @@ class Workers(BaseNode):
             raise FlowsError(f"method must be 'thread' or 'process', not {method!r}")
         self.source, self.fn, self.num_workers = source, fn, num_workers
         self.method, self.mp_context, self.batched = method, mp_context, batched
-        self.window = _IN_FLIGHT * max(num_workers, 1) if num_workers else 1
+        self.window = _IN_FLIGHT * num_workers if num_workers else 1
         self._pool: _Pool | None = None
         # tasks read ahead: (handle, or the source's error to raise in order; states; keys)
         self._pending: deque[tuple[Any, list[dict], list[str]]] = deque()
@@ -178,7 +180,7 @@ class Workers(BaseNode):
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
-        self._cancel()
+        self._cancel()  # the tasks read ahead are dropped below
         with self._lock:
             self._drop_pending()
             self.source.reset(initial_state["source"] if initial_state else None)
@@ -264,7 +266,6 @@ class Workers(BaseNode):
         pending, self._pending, self._ready = self._pending, deque(), deque()
         if self._pool is None:
             return
-        self._pool.cancel()
         try:
             self._pool.drop([task for task, _, _ in pending if not isinstance(task, BaseException)])
         except _WorkerDied:
@@ -359,15 +360,32 @@ def training_threads(num_workers: int) -> int:
     return max(1, per_rank - num_workers)
 
 
-def _one_intra_op_thread(default: int) -> None:
-    """A worker thread's initializer: its torch ops use one intra-op thread. torch's
-    ``set_num_threads`` also sets the default that threads starting torch later take up (the
-    training loop's included), so a short-lived thread puts ``default`` back."""
-    torch.get_num_threads()  # torch's per-thread set-up first: it would reset this thread to the default
-    torch.set_num_threads(1)
-    restore = threading.Thread(target=torch.set_num_threads, args=(default,))
-    restore.start()
-    restore.join()
+@functools.cache
+def _omp_set_num_threads() -> Callable[[int], None] | None:
+    """``omp_set_num_threads`` of the OpenMP runtime torch loaded (it sets the calling thread's
+    count only), or None when there is none to be found."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        if path.rsplit("/", 1)[-1].startswith(("libgomp", "libiomp", "libomp")):
+            with contextlib.suppress(OSError, AttributeError):
+                return ctypes.CDLL(path).omp_set_num_threads
+    return None
+
+
+def _one_intra_op_thread() -> None:
+    """A worker thread's initializer: its torch ops use one intra-op thread. torch's own
+    ``set_num_threads`` would also change the count every thread starting torch later takes up
+    (the training loop's included), so OpenMP's per-thread setting is used where it is found."""
+    torch.get_num_threads()  # torch's per-thread set-up first: it would reset this thread's count
+    set_this_thread = _omp_set_num_threads()
+    if set_this_thread is not None:
+        set_this_thread(1)
+    else:
+        torch.set_num_threads(1)
 
 
 class _ThreadPool(_Pool):
@@ -380,8 +398,7 @@ class _ThreadPool(_Pool):
         self.fn = fn
         self.stopping = threading.Event()
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix=f"flows-worker-{next(self._pools)}",
-                                           initializer=_one_intra_op_thread,
-                                           initargs=(torch.get_num_threads(),))
+                                           initializer=_one_intra_op_thread)
 
     def submit(self, envelopes: list[Envelope]) -> Future:
         return self.executor.submit(self.fn, envelopes, self._cancelled)
