@@ -47,7 +47,8 @@ CHUNK = 4  # samples per task in an unbatched flow
 Cancelled = Callable[[int], bool]
 
 
-def _never(index: int) -> bool:
+def never_cancelled(index: int) -> bool:
+    """The :data:`Cancelled` of a task run inline: it always runs to its end."""
     return False
 
 
@@ -98,7 +99,7 @@ class Apply:
         self.stages, self.seed, self.collate = list(stages), seed, collate
         self.batched, self.on_error = batched, on_error
 
-    def __call__(self, envelopes: Sequence[Envelope], cancelled: Cancelled = _never) -> list[Done]:
+    def __call__(self, envelopes: Sequence[Envelope], cancelled: Cancelled = never_cancelled) -> list[Done]:
         """A batched task's one output, or one output per sample of an unbatched chunk (up to
         the first failure when raising)."""
         outs: list[Done] = []

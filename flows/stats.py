@@ -28,7 +28,7 @@ from torchdata.nodes import BaseNode, Prefetcher
 
 from flows.errors import FlowsError
 from flows.loader import Loader
-from flows.nodes import Apply, Cancelled, Done, Workers, _never
+from flows.nodes import Apply, Cancelled, Done, Workers, never_cancelled
 from flows.sampling import Envelope
 from flows.stages import Filter, stage_name
 
@@ -102,7 +102,7 @@ class TimedApply:
         self.apply = Apply([timed(s) for s in apply.stages], apply.seed, collate, apply.batched,
                            apply.on_error)
 
-    def __call__(self, envelopes: list[Envelope], cancelled: Cancelled = _never) -> list[Done]:
+    def __call__(self, envelopes: list[Envelope], cancelled: Cancelled = never_cancelled) -> list[Done]:
         records: list[Record] = []
         _local.records = records
         try:
