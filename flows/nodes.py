@@ -348,17 +348,17 @@ class _Inline(_Pool):
         return True
 
 
-def training_threads(num_workers: int) -> int:
-    """torch intra-op threads for the training step beside ``num_workers`` loader workers: the
-    cores this rank may use (its CPU affinity divided by torchrun's ``LOCAL_WORLD_SIZE``) minus
-    one per worker, at least 1; ``OMP_NUM_THREADS``, when set, wins. Each worker uses one thread,
-    so the step and the workers together never ask for more threads than there are cores
-    (oversubscribed OpenMP threads spin and wait on each other: a 10x slower step)."""
+def training_threads() -> int:
+    """torch intra-op threads for the training step: half the cores this rank may use (its CPU
+    affinity divided by torchrun's ``LOCAL_WORLD_SIZE``), at least 1, leaving the other half to
+    the loader's workers (one thread each); ``OMP_NUM_THREADS``, when set, wins. Oversubscribed
+    OpenMP threads spin and wait on each other. The count deliberately does not depend on the
+    number of workers: another intra-op thread count changes the order of float reductions, so a
+    run resumed with another worker count would no longer be bit-identical."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_rank = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    return max(1, per_rank - num_workers)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) // 2)
 
 
 @functools.cache

@@ -288,7 +288,7 @@ class _Run:
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         threads = torch.get_num_threads()
-        torch.set_num_threads(training_threads(self.recipe.config.num_workers))  # beside the workers
+        torch.set_num_threads(training_threads())  # half the cores: the other half for the workers
         try:
             return self._fit()
         finally:

@@ -283,14 +283,12 @@ def test_thread_workers_use_one_torch_thread_and_leave_the_default_alone():
     loader.close()
 
 
-def test_training_threads_leave_a_core_per_worker(monkeypatch):
+def test_training_threads_leave_half_the_cores_to_the_workers(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert training_threads(0) == cores
-    assert training_threads(1) == max(1, cores - 1)
-    assert training_threads(cores + 3) == 1
+    assert training_threads() == max(1, cores // 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # one rank per core
-    assert training_threads(0) == 1
+    assert training_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
-    assert training_threads(2) == 3
+    assert training_threads() == 3
