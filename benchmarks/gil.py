@@ -1,7 +1,8 @@
 """What holds the GIL in flows' thread workers, measured with py-spy.
 
-    pip install py-spy
-    python benchmarks/gil.py benchmarks/_data/urbansound8k.json   # a dataset file run.py wrote
+    benchmarks/.venv/bin/python benchmarks/gil.py benchmarks/_data/urbansound8k.json
+
+(``benchmarks/run.sh`` installs py-spy in ``benchmarks/.venv`` and writes the dataset file.)
 
 Runs 2 epochs of the benchmark's flows pipeline with 2 thread workers twice under
 ``py-spy record``: once sampling every thread on the CPU, once only threads holding the GIL
