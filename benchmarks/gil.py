@@ -24,6 +24,7 @@ STAGES = {"read": "ReadBytes.__call__", "decode_audio": "DecodeAudio.__call__",
           "downmix": "Downmix.__call__", "resample": "Resample.__call__", "pad": "PadTrim.__call__",
           "collate": "Collate.__call__"}
 WORKER = "concurrent/futures/thread.py"  # frames of a worker thread
+PY_SPY = Path(sys.executable).parent / "py-spy"  # installed beside this Python, else on PATH
 
 
 def loop(dataset: str) -> None:
@@ -56,7 +57,8 @@ def main() -> None:
         runs = {}
         for label, extra in (("on CPU", []), ("holding the GIL", ["--gil"])):
             out = Path(tmp) / f"{len(runs)}.txt"
-            subprocess.run(["py-spy", "record", "--format", "raw", "--rate", "200", "--threads", *extra,
+            py_spy = str(PY_SPY) if PY_SPY.exists() else "py-spy"
+            subprocess.run([py_spy, "record", "--format", "raw", "--rate", "200", "--threads", *extra,
                             "-o", str(out), "--", sys.executable, __file__, "loop", sys.argv[1]],
                            check=True, capture_output=True, cwd=HERE.parent)
             runs[label] = samples(out)
