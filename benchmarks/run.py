@@ -18,6 +18,10 @@ Contenders, each on the same files, shuffled, 2+ epochs:
   in its best number of threads (needs FFmpeg's libraries: ``run.sh`` installs them with apt);
 - ``kernel limit``: decode + downmix + resample + pad of in-memory bytes in a tight loop; its
   CPU time divided by the cores is the best any loader can do.
+
+Each loader's CPU seconds per 1,000 samples are split into the parent process and the workers
+(flows' worker threads, and every worker process); flows' 1 and 2 thread-worker runs are shown
+side by side (the scaling with cores).
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ def warm_page_cache(paths: list[str]) -> None:
 # ---- the loaders --------------------------------------------------------------------------------
 
 
-def flows_loader(ds: dict, workers: int, method: str, cache: str | None = None) -> Any:
+def flows_flow(ds: dict) -> Any:
+    """flows' pipeline for ``ds``, up to the batching."""
     from flows import Flow
 
     root = Path(ds["root"])
@@ -103,7 +108,11 @@ def flows_loader(ds: dict, workers: int, method: str, cache: str | None = None) 
                           path_column="audio_path", root=str(root))
     else:
         flow = Flow.files(ds["root"])
-    flow = flow.shuffle(seed=0).read().decode_audio().downmix().resample(RATE).pad(FRAMES)
+    return flow.shuffle(seed=0).read().decode_audio().downmix().resample(RATE).pad(FRAMES)
+
+
+def flows_loader(ds: dict, workers: int, method: str, cache: str | None = None) -> Any:
+    flow = flows_flow(ds)
     if cache:
         flow = flow.cache(cache)
     return flow.batch(BATCH).loader(num_workers=workers, method=method)  # type: ignore[arg-type]
@@ -233,13 +242,25 @@ def kernel(ds: dict) -> dict:
 # ---- measuring one loader in a child process ----------------------------------------------------
 
 
-def _tree_cpu() -> float:
+def _cpu_split() -> tuple[float, float]:
+    """(parent, workers) CPU seconds so far: flows' worker threads and every child process
+    (live or reaped) count as workers; the rest of this process (the training loop's thread,
+    the prefetcher, the sampler, hand-over and collation where it happens there) as the parent."""
+    import psutil
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    worker_ids = {t.native_id for t in threading.enumerate() if t.name.startswith("flows-worker")}
+    threads = sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in worker_ids)
+    return own.ru_utime + own.ru_stime - threads, _tree_cpu(children_only=True) + threads
+
+
+def _tree_cpu(children_only: bool = False) -> float:
     """CPU seconds of this process and all its children, live or reaped."""
     import psutil
 
     me = psutil.Process()
-    total = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
-                for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    whose = (resource.RUSAGE_CHILDREN,) if children_only else (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    total = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime for who in whose)
     for child in me.children(recursive=True):
         try:
             times = child.cpu_times()
@@ -264,7 +285,7 @@ def child(args: argparse.Namespace) -> None:
     setup = time.perf_counter() - started
     epochs = []
     for _ in range(args.epochs):
-        cpu0, t0 = _tree_cpu(), time.perf_counter()
+        cpu0, split0, t0 = _tree_cpu(), _cpu_split(), time.perf_counter()
         first, samples = None, 0
         for batch in loader:
             audio = batch["audio"] if isinstance(batch, dict) else batch
@@ -273,8 +294,10 @@ def child(args: argparse.Namespace) -> None:
             if first is None:
                 first = time.perf_counter() - t0
         seconds = time.perf_counter() - t0
+        split = _cpu_split()
         epochs.append({"seconds": seconds, "first_batch": first, "samples": samples,
-                       "cpu": _tree_cpu() - cpu0})
+                       "cpu": _tree_cpu() - cpu0, "parent_cpu": split[0] - split0[0],
+                       "workers_cpu": split[1] - split0[1]})
     print(json.dumps({"setup": setup, "epochs": epochs}))
 
 
@@ -333,8 +356,11 @@ def summarize(result: dict, seconds_per_sample: float, epochs: slice) -> dict:
     samples = sum(e["samples"] for e in chosen)
     wall = sum(e["seconds"] for e in chosen)
     cpu = sum(e["cpu"] for e in chosen)
+    per_1k = 1000 / samples
     return {"samples_per_s": samples / wall, "audio_s_per_s": samples * seconds_per_sample / wall,
             "first_batch_s": chosen[0]["first_batch"], "cpu_util": cpu / (wall * CORES),
+            "parent_cpu_per_1k": per_1k * sum(e.get("parent_cpu", 0.0) for e in chosen),
+            "workers_cpu_per_1k": per_1k * sum(e.get("workers_cpu", 0.0) for e in chosen),
             "peak_rss_mb": result["peak_rss_mb"], "peak_pss_mb": result["peak_pss_mb"],
             "setup_s": result.get("setup", 0.0)}
 
@@ -352,6 +378,13 @@ def best_config(contender: str, configs: list[tuple[int, str]], ds_file: Path, p
         print(f"{contender} {workers} {method}: {s['samples_per_s']:.0f} samples/s", flush=True)
     top = max(tried, key=lambda t: t["samples_per_s"])
     return top, f"{top['workers']} {top['method']} workers", tried
+
+
+def thread_scaling(tried: list[dict]) -> dict:
+    """flows' samples/s with 1 and 2 thread workers, from its sweep, and their ratio."""
+    rate = {t["workers"]: t["samples_per_s"] for t in tried if t["method"] == "thread"}
+    return {"1": rate.get(1), "2": rate.get(2),
+            "ratio": rate[2] / rate[1] if rate.get(1) and rate.get(2) else None}
 
 
 def compare(datasets: dict, quick: bool) -> dict:
@@ -377,6 +410,7 @@ def compare(datasets: dict, quick: bool) -> dict:
         top, config, tried = best_config("flows", flows_configs, ds_file, per_sample, epochs)
         rows["flows"] = {**top, "config": config}
         results.setdefault("sweeps", {})[name] = {"flows": tried}
+        results.setdefault("thread_scaling", {})[name] = thread_scaling(tried)
         workers, method = top["workers"], top["method"]
 
         cache_dir = DATA / "cache" / name
@@ -558,17 +592,17 @@ def markdown(results: dict, datasets: dict) -> str:
     lines = [f"Machine: {results['machine']}", "",
              f"Command: `{results['command']}`", ""]
     for name, rows in results["comparison"].items():
-        if name == "sweeps":
+        if name in ("sweeps", "thread_scaling"):
             continue
         ds = datasets[name]
         lines += [f"### {name}: {len(ds['paths'])} clips, {ds['seconds']:.0f} s of audio", "",
                   "| loader | config | samples/s | audio s/s | first batch s | peak RSS MB "
-                  "(PSS) | CPU use |",
-                  "|---|---|---|---|---|---|---|"]
+                  "(PSS) | CPU use | CPU s / 1k samples: parent, workers |",
+                  "|---|---|---|---|---|---|---|---|"]
         base = rows["flows"]
         for label, row in rows.items():
             if "error" in row:
-                lines.append(f"| {label} | failed: {row['error'][:80]} | | | | | |")
+                lines.append(f"| {label} | failed: {row['error'][:80]} | | | | | | |")
                 continue
             sps = _cell(row, base, "samples_per_s", "{:.0f}")
             aps = _cell(row, base, "audio_s_per_s", "{:.0f}")
@@ -577,7 +611,13 @@ def markdown(results: dict, datasets: dict) -> str:
                 f"{row['peak_rss_mb']:.0f} ({_cell(row, base, 'peak_pss_mb', '{:.0f}')})"
             cpu = _cell({k: 100 * v for k, v in row.items() if k == "cpu_util"},
                         {"cpu_util": 100 * base["cpu_util"]}, "cpu_util", "{:.0f}%")
-            lines.append(f"| {label} | {row['config']} | {sps} | {aps} | {first} | {rss} | {cpu} |")
+            split = "" if "parent_cpu_per_1k" not in row else \
+                f"{row['parent_cpu_per_1k']:.2f}, {row['workers_cpu_per_1k']:.2f}"
+            lines.append(f"| {label} | {row['config']} | {sps} | {aps} | {first} | {rss} | {cpu} | {split} |")
+        scaling = results["comparison"].get("thread_scaling", {}).get(name)
+        if scaling and scaling["ratio"]:
+            lines += ["", f"flows with thread workers: 1 thread {scaling['1']:.0f} samples/s, 2 threads "
+                      f"{scaling['2']:.0f} samples/s ({scaling['ratio']:.2f}x on {CORES} cores)"]
         lines.append("")
     extra = results.get("extras")
     if extra:

@@ -6,7 +6,7 @@ from flows.cache import Cached
 from flows.errors import ColumnError, EmptySourceError, FlowsError, RemoteError, StageError
 from flows.flow import Flow, distributed_position
 from flows.loader import Loader
-from flows.nodes import Apply, Gather, Mix, ToDevice, Workers
+from flows.nodes import Apply, Gather, Mix, ToDevice, Workers, training_threads
 from flows.prefetch import Prefetch
 from flows.sampling import (
     DurationBuckets,
@@ -28,5 +28,5 @@ __all__ = [
     "FixedBatches", "Flow", "FlowsError", "Gather", "Items", "Loader", "Map", "Mix", "Normalize",
     "Order", "PadTrim", "Plan", "Prefetch", "RandomCrop", "ReadBytes", "RemoteError", "Report", "Resample",
     "Sampler", "Source", "Stage", "StageError", "Stats", "StratifiedBatches", "Subset", "Table",
-    "ToDevice", "Workers", "distributed_position", "splits",
+    "ToDevice", "Workers", "distributed_position", "splits", "training_threads",
 ]

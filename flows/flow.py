@@ -8,7 +8,7 @@
               .loader(num_workers=4))
 
 Each method returns a new Flow. ``loader()`` builds the node graph:
-Sampler -> Workers(stages) -> Gather(collate) -> Prefetch (and pin) -> ToDevice.
+Sampler -> Workers(stages and collate, one task per batch) -> Gather -> Prefetch (and pin) -> ToDevice.
 """
 
 from __future__ import annotations
@@ -285,15 +285,15 @@ class Flow:
         plan = self.plan(world_size) if self.plan else None
         sampler = Sampler(self._source(), self.order, plan, rank, world_size)
         samplers.append(sampler)
-        apply = Apply(self.stages, self.order.seed or 0)
+        batched = self.plan is not None
+        apply = Apply(self.stages, self.order.seed or 0, self.collate, batched, on_error)
         if stats is None:
-            mapped: BaseNode = Workers(sampler, apply, num_workers, method, mp_context)
-            return Gather(mapped, self.collate, batched=self.plan is not None, on_error=on_error)
+            mapped: BaseNode = Workers(sampler, apply, num_workers, method, mp_context, batched)
+            return Gather(mapped, on_error)
         # the same graph with transparent probes: same outputs, same state
         mapped = stats.collect(Workers(stats.source(sampler), stats.apply(apply, num_workers),
-                                       num_workers, method, mp_context))
-        return Gather(mapped, stats.collate(self.collate), batched=self.plan is not None,
-                      on_error=on_error)
+                                       num_workers, method, mp_context, batched))
+        return Gather(mapped, on_error)
 
 
 def distributed_position() -> tuple[int, int]:

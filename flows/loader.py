@@ -142,7 +142,8 @@ class Loader:
 
     def close(self) -> None:
         """Stop the background threads and worker processes now (also done by ``with loader:``).
-        A process must not exit with them running: native threads abort at interpreter exit."""
+        A process must not exit with them running: native threads abort at interpreter exit.
+        Work read ahead is cancelled first, so nothing waits for it."""
         close_graph(self._loader)
 
     def __enter__(self) -> Loader:
@@ -194,16 +195,22 @@ def _count(state: Any, field: str) -> int:
     return 0
 
 
-def close_graph(node: Any, seen: set[int] | None = None) -> None:
-    """Call ``_shutdown()`` on every node and torchdata iterator in the graph below ``node``."""
-    seen = set() if seen is None else seen
+def close_graph(node: Any) -> None:
+    """Stop the graph below ``node``: cancel the work read ahead, then call ``_shutdown()`` on
+    every node and torchdata iterator."""
+    _visit(node, set(), "_cancel")
+    _visit(node, set(), "_shutdown")
+
+
+def _visit(node: Any, seen: set[int], method: str) -> None:
+    """Call ``method()`` on every node and torchdata iterator in the graph below ``node``."""
     if node is None or id(node) in seen:
         return
     seen.add(id(node))
-    stop = getattr(node, "_shutdown", None)
+    stop = getattr(node, method, None)
     if callable(stop):
         stop()
     for name in ("_it", "root", "source", "sources"):
         child = getattr(node, name, None)
         for c in child if isinstance(child, list) else [child]:
-            close_graph(c, seen)
+            _visit(c, seen, method)

@@ -1,10 +1,13 @@
 """The nodes flows adds to ``torchdata.nodes``; each follows its ``reset(initial_state)`` /
 ``get_state()`` / ``next()`` contract with plain-dict state.
 
-- :class:`Apply` runs the per-sample stages on an Envelope.
-- :class:`Workers` runs Apply in a pool of threads or processes that lives across epochs.
-- :class:`Gather` regroups this rank's slice of each global batch, drops skipped samples
-  (counting them in its state) and collates.
+- :class:`Apply` runs one task: the per-sample stages on each of its Envelopes, skip/filter,
+  and the collation of a batch.
+- :class:`Workers` cuts the sampler's Envelopes into tasks (this rank's slice of one global batch,
+  or a few samples of an unbatched flow) and runs them in a pool of threads or processes that
+  lives across epochs.
+- :class:`Gather` raises or counts the samples a task dropped (its state holds the counts) and
+  hands the batches on: O(1) work per batch in the consumer.
 - :class:`Mix` interleaves several flows with seeded weights.
 - :class:`ToDevice` moves batches to the training device and runs batched transforms there.
 """
@@ -12,6 +15,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import itertools
 import mmap
 import multiprocessing
@@ -20,7 +25,8 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import wait as wait_for
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Literal
@@ -34,7 +40,16 @@ from flows.sampling import Envelope, rng
 from flows.stages import Filter, stage_name
 
 OnError = Literal["raise", "skip"]
-_IN_FLIGHT = 8  # items read ahead per worker: evens out samples of unequal cost
+_IN_FLIGHT = 2  # tasks read ahead per worker: the one it runs and the next one
+CHUNK = 4  # samples per task in an unbatched flow
+
+# ``cancelled(i)``, called by a task before its ``i``-th sample: whether to abandon the task
+Cancelled = Callable[[int], bool]
+
+
+def never_cancelled(index: int) -> bool:
+    """The :data:`Cancelled` of a task run inline: it always runs to its end."""
+    return False
 
 
 @dataclass
@@ -46,6 +61,26 @@ class Dropped:
     error: str | None = None
 
 
+@dataclass
+class Done:
+    """One output of a task: ``out`` (a collated batch, or one sample of an unbatched chunk),
+    valid when ``kept`` samples went into it (0: every sample was dropped); the samples
+    ``dropped`` before it, in order; and the stage timings when stats are on."""
+
+    out: Any
+    kept: int
+    dropped: list[Dropped] = field(default_factory=list)
+    timings: Any = None
+
+    @property
+    def samples(self) -> int:
+        return self.kept + len(self.dropped)
+
+
+class TaskCancelled(Exception):
+    """A task abandoned between two samples because its result is no longer wanted."""
+
+
 def describe(item: Any, key: str) -> str:
     """How errors name a sample: its path or URL when it has one, else its key (e.g. a table row)."""
     if isinstance(item, dict) and isinstance(item.get("path"), str):
@@ -54,55 +89,91 @@ def describe(item: Any, key: str) -> str:
 
 
 class Apply:
-    """Runs ``stages`` on an Envelope's item. Failures become :class:`Dropped` markers, which
-    cross worker boundaries as data; :class:`Gather` raises or counts them in order."""
+    """Runs one task: ``stages`` on each Envelope's item, then (``batched``) ``collate`` on the
+    kept items. Failures and filtered samples become :class:`Dropped` markers, which cross
+    worker boundaries as data; :class:`Gather` raises or counts them in order. With
+    ``on_error="raise"`` the task stops at its first failure (nothing after it is delivered)."""
 
-    def __init__(self, stages: Sequence[Callable], seed: int = 0):
-        self.stages, self.seed = list(stages), seed
+    def __init__(self, stages: Sequence[Callable], seed: int = 0, collate: Callable | None = None,
+                 batched: bool = True, on_error: OnError = "raise"):
+        self.stages, self.seed, self.collate = list(stages), seed, collate
+        self.batched, self.on_error = batched, on_error
 
-    def __call__(self, envelope: Envelope) -> Envelope:
+    def __call__(self, envelopes: Sequence[Envelope], cancelled: Cancelled = never_cancelled) -> list[Done]:
+        """A batched task's one output, or one output per sample of an unbatched chunk (up to
+        the first failure when raising)."""
+        outs: list[Done] = []
+        kept: list[Any] = []
+        dropped: list[Dropped] = []
+        failed = False
+        for i, envelope in enumerate(envelopes):
+            if cancelled(i):
+                raise TaskCancelled
+            item = self.sample(envelope)
+            if isinstance(item, Dropped):
+                dropped.append(item)
+                failed = item.error is not None and self.on_error == "raise"
+            elif self.batched:
+                kept.append(item)
+            if not self.batched:
+                outs.append(Done(None, 0, [item]) if isinstance(item, Dropped) else Done(item, 1))
+            if failed:
+                break
+        if not self.batched:
+            return outs
+        if not kept or failed:
+            return [Done(None, 0, dropped)]
+        return [Done(self.collate(kept) if self.collate else kept, len(kept), dropped)]
+
+    def sample(self, envelope: Envelope) -> Any:
+        """The stages on one sample: its item, or a :class:`Dropped` marker."""
         item = envelope.item
-        sample = describe(item, envelope.key)
         for stage in self.stages:
             name = stage_name(stage)
             try:
                 if isinstance(stage, Filter):
                     if not stage.predicate(item):
-                        envelope.item = Dropped(name, sample)
-                        return envelope
+                        return Dropped(name, describe(envelope.item, envelope.key))
                 elif getattr(stage, "random", False):
                     item = stage(item, rng(self.seed, envelope.epoch, envelope.key, name))
                 else:
                     item = stage(item)
             except Exception as error:  # noqa: BLE001 - reported by Gather, with the sample named
                 name = getattr(error, "flows_stage", name)  # a stage inside .cache() names itself
-                envelope.item = Dropped(name, sample, f"{type(error).__name__}: {error}")
-                return envelope
-        envelope.item = item
-        return envelope
+                return Dropped(name, describe(envelope.item, envelope.key),
+                               f"{type(error).__name__}: {error}")
+        return item
 
 
 class Workers(BaseNode):
-    """Maps ``fn`` over ``source`` in ``num_workers`` threads or processes, in order (inline for
-    0), with up to ``8 * num_workers`` items in flight.
+    """Runs ``fn`` (an :class:`Apply`) over tasks in ``num_workers`` threads or processes, in
+    order (inline for 0), with up to 2 tasks per worker in flight.
 
-    The pool starts with the first epoch and lives until :meth:`close` (``Loader.close()``):
-    epochs and restores reuse it, so starting an epoch costs no thread or process start-up.
-    Items are read from ``source`` in the consumer's thread, each with the source's state
-    after it; the Workers' state is ``{"source": <that state for the last item yielded>}``,
-    the same for any number or kind of workers, and a restore never maps a consumed item again.
+    A task is this rank's slice of one global batch (``batched``; the Envelopes up to the one
+    marked ``last``), else :data:`CHUNK` consecutive samples; each output is one :class:`Done`.
+    The Envelopes are read from ``source`` in the consumer's thread, noting the source's state
+    after each output's last sample; the Workers' state is ``{"source": <that state for the
+    last output yielded>}``, the same for any number or kind of workers, and a restore never
+    maps a consumed sample again.
+
+    The pool starts with the first epoch and lives until ``Loader.close()``: epochs and
+    restores reuse it. A restore or ``close()`` cancels the tasks read ahead: each
+    stops before its next sample (a worker finishes at most the sample it is on).
     """
 
-    def __init__(self, source: BaseNode, fn: Callable, num_workers: int = 0,
-                 method: Literal["thread", "process"] = "thread", mp_context: str | None = None):
+    def __init__(self, source: BaseNode, fn: Callable[..., list[Done]], num_workers: int = 0,
+                 method: Literal["thread", "process"] = "thread", mp_context: str | None = None,
+                 batched: bool = True):
         super().__init__()
         if method not in ("thread", "process"):
             raise FlowsError(f"method must be 'thread' or 'process', not {method!r}")
         self.source, self.fn, self.num_workers = source, fn, num_workers
-        self.method, self.mp_context = method, mp_context
-        self.window = _IN_FLIGHT * num_workers
-        self._pool: _ThreadPool | _ProcessPool | None = None
-        self._pending: deque[tuple[Any, dict, str]] = deque()  # (task, source state, key)
+        self.method, self.mp_context, self.batched = method, mp_context, batched
+        self.window = _IN_FLIGHT * num_workers if num_workers else 1
+        self._pool: _Pool | None = None
+        # tasks read ahead: (handle, or the source's error to raise in order; states; keys)
+        self._pending: deque[tuple[Any, list[dict], list[str]]] = deque()
+        self._ready: deque[tuple[Done, dict]] = deque()  # outputs of the task being delivered
         self._exhausted = False
         self._state: dict = {}
         # a reset or close waits for a next() still running in the prefetcher's thread
@@ -110,134 +181,274 @@ class Workers(BaseNode):
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
+        self._cancel()  # the tasks read ahead are dropped below
         with self._lock:
             self._drop_pending()
             self.source.reset(initial_state["source"] if initial_state else None)
             self._state, self._exhausted = self.source.state_dict(), False
 
-    def next(self) -> Any:
+    def next(self) -> Done:
         with self._lock:
-            return self._next()
-
-    def _next(self) -> Any:
-        if not self.num_workers:
-            out = self.fn(next(self.source))
-            self._state = self.source.state_dict()
-            return out
-        self._fill()
-        if not self._pending:
-            raise StopIteration
-        task, state, key = self._pending.popleft()
-        if isinstance(task, BaseException):
-            raise task
-        self._fill()  # keep the workers busy while this item finishes
-        assert self._pool is not None
-        try:
-            out = self._pool.result(task)
-        except _WorkerDied as error:
-            self._stop_pool()
-            raise FlowsError(f"a worker process died while mapping sample {key!r} ({error})") from None
-        self._state = state
-        return out
+            while not self._ready:
+                self._ready.extend(self._next_task())
+            done, self._state = self._ready.popleft()
+            return done
 
     def get_state(self) -> dict:
         return {"source": self._state}
 
     def queues(self) -> tuple[int, int, int]:
-        """(ready, in flight, capacity) of the items read ahead."""
-        done = self._pool.done if self._pool is not None else (lambda task: True)
-        ready = sum(1 for task, _, _ in self._pending if isinstance(task, BaseException) or done(task))
+        """(ready, in flight, capacity) of the tasks read ahead."""
+        pool = self._pool
+        ready = sum(1 for task, _, _ in self._pending
+                    if isinstance(task, BaseException) or (pool is not None and pool.done(task)))
         return ready, len(self._pending), self.window
+
+    def _next_task(self) -> list[tuple[Done, dict]]:
+        self._fill()
+        if not self._pending:
+            raise StopIteration
+        task, states, keys = self._pending.popleft()
+        try:
+            if isinstance(task, BaseException):
+                raise task
+            self._fill()  # keep the workers busy while this task finishes
+            assert self._pool is not None
+            outs = self._pool.result(task)
+        except _WorkerDied as error:
+            self._stop_pool()
+            sample = keys[error.index] if error.index is not None and error.index < len(keys) else keys[0]
+            raise FlowsError(f"a worker process died while mapping sample {sample!r} ({error})") from None
+        return list(zip(outs, states[: len(outs)], strict=True))
+
+    def _read_task(self) -> tuple[list[Envelope], list[dict]]:
+        """The next task's Envelopes, and the source's state after each of its outputs."""
+        envelopes: list[Envelope] = []
+        states: list[dict] = []
+        while not (envelopes and (envelopes[-1].last if self.batched else len(envelopes) == CHUNK)):
+            try:
+                envelopes.append(next(self.source))
+            except StopIteration:
+                self._exhausted = True
+                break
+            if not self.batched:
+                states.append(self.source.state_dict())
+        if self.batched and envelopes:
+            states.append(self.source.state_dict())
+        return envelopes, states
 
     def _fill(self) -> None:
         while not self._exhausted and len(self._pending) < self.window:
             try:
-                item = next(self.source)
-            except StopIteration:
+                envelopes, states = self._read_task()
+            except Exception as error:  # noqa: BLE001 - raised in order, after the tasks before it
+                self._pending.append((error, [], []))
                 self._exhausted = True
                 return
-            except Exception as error:  # noqa: BLE001 - raised in order, after the items before it
-                self._pending.append((error, self._state, ""))
-                self._exhausted = True
+            if not envelopes:
                 return
             if self._pool is None:
-                self._pool = (_ThreadPool(self.fn, self.num_workers) if self.method == "thread"
-                              else _ProcessPool(self.fn, self.num_workers, self.mp_context))
-            self._pending.append((self._pool.submit(item), self.source.state_dict(),
-                                  getattr(item, "key", "")))
+                self._pool = _start_pool(self.fn, self.num_workers, self.method, self.mp_context)
+            keys = [e.key for e in envelopes]
+            try:
+                self._pending.append((self._pool.submit(envelopes), states, keys))
+            except _WorkerDied as error:  # raised in order, naming the task's first sample
+                self._pending.append((error, states, keys))
+                self._exhausted = True
+                return
+
+    def _cancel(self) -> None:
+        """Tell the tasks running now to stop before their next sample (no lock: a next() in
+        the prefetcher's thread may be waiting for one of them)."""
+        if self._pool is not None:
+            self._pool.cancel()
 
     def _drop_pending(self) -> None:
-        pending, self._pending = self._pending, deque()
-        for task, _, _ in pending:
-            if self._pool is not None and not isinstance(task, BaseException):
-                try:
-                    self._pool.drop(task)
-                except _WorkerDied:
-                    self._pool.shutdown()
-                    self._pool = None
-                    return
+        pending, self._pending, self._ready = self._pending, deque(), deque()
+        if self._pool is None:
+            return
+        try:
+            self._pool.drop([task for task, _, _ in pending if not isinstance(task, BaseException)])
+        except _WorkerDied:
+            self._pool.shutdown()
+            self._pool = None
+            return
+        self._pool.resume()
 
     def _shutdown(self) -> None:
-        """Stop the pool (``Loader.close()`` calls this); a later epoch starts a new one."""
+        """Stop the pool (``Loader.close()`` calls this), cancelling the tasks read ahead; a
+        later epoch starts a new pool."""
+        self._cancel()
         with self._lock:
             self._stop_pool()
 
     def _stop_pool(self) -> None:
-        self._drop_pending()
+        self._pending, self._ready = deque(), deque()
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
 
 
 class _WorkerDied(Exception):
-    pass
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index  # the sample of the task it was on, when known
 
 
-class _ThreadPool:
+class _Pool:
+    """What Workers needs from a pool: submit a task, wait for its result (in order), cancel
+    and drop tasks, stop."""
+
+    def submit(self, envelopes: list[Envelope]) -> Any:
+        raise NotImplementedError
+
+    def result(self, task: Any) -> list[Done]:
+        raise NotImplementedError
+
+    def done(self, task: Any) -> bool:
+        return False  # unknown: counted as in flight
+
+    def cancel(self) -> None:
+        """Make the running and queued tasks stop before their next sample."""
+
+    def resume(self) -> None:
+        """Undo :meth:`cancel` once every cancelled task is dropped."""
+
+    def drop(self, tasks: list[Any]) -> None:
+        """Wait for ``tasks`` (cancelled) and throw their results away."""
+
+    def shutdown(self) -> None:
+        """Stop the workers (after :meth:`cancel`)."""
+
+
+def _start_pool(fn: Callable, workers: int, method: str, mp_context: str | None) -> _Pool:
+    if not workers:
+        return _Inline(fn)
+    return _ThreadPool(fn, workers) if method == "thread" else _ProcessPool(fn, workers, mp_context)
+
+
+class _Inline(_Pool):
+    """No workers: a task runs when it is submitted, in the consumer's thread."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def submit(self, envelopes: list[Envelope]) -> Any:
+        try:
+            return self.fn(envelopes)
+        except Exception as error:  # noqa: BLE001 - raised by result(), in order
+            return _Failed(error)
+
+    def result(self, task: Any) -> list[Done]:
+        if isinstance(task, _Failed):
+            raise task.error
+        return task
+
+    def done(self, task: Any) -> bool:
+        return True
+
+
+def training_threads() -> int:
+    """torch intra-op threads for the training step: half the cores this rank may use (its CPU
+    affinity divided by torchrun's ``LOCAL_WORLD_SIZE``), at least 1, leaving the other half to
+    the loader's workers (one thread each); ``OMP_NUM_THREADS``, when set, wins. Oversubscribed
+    OpenMP threads spin and wait on each other. The count deliberately does not depend on the
+    number of workers: another intra-op thread count changes the order of float reductions, so a
+    run resumed with another worker count would no longer be bit-identical."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) // 2)
+
+
+@functools.cache
+def _omp_set_num_threads() -> Callable[[int], None] | None:
+    """``omp_set_num_threads`` of the OpenMP runtime torch loaded (it sets the calling thread's
+    count only), or None when there is none to be found."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        if path.rsplit("/", 1)[-1].startswith(("libgomp", "libiomp", "libomp")):
+            with contextlib.suppress(OSError, AttributeError):
+                return ctypes.CDLL(path).omp_set_num_threads
+    return None
+
+
+def _one_intra_op_thread() -> None:
+    """A worker thread's initializer: its torch ops use one intra-op thread. torch's own
+    ``set_num_threads`` would also change the count every thread starting torch later takes up
+    (the training loop's included), so OpenMP's per-thread setting is used where it is found."""
+    torch.get_num_threads()  # torch's per-thread set-up first: it would reset this thread's count
+    set_this_thread = _omp_set_num_threads()
+    if set_this_thread is not None:
+        set_this_thread(1)
+    else:
+        torch.set_num_threads(1)
+
+
+class _ThreadPool(_Pool):
     """Threads named ``flows-worker-P_N`` (pool P), each running torch ops on one intra-op
-    thread (the workers are the parallelism; the consumer's thread keeps its own setting)."""
+    thread (the workers are the parallelism; every other thread keeps its own setting)."""
 
     _pools = itertools.count()
 
     def __init__(self, fn: Callable, workers: int):
         self.fn = fn
+        self.stopping = threading.Event()
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix=f"flows-worker-{next(self._pools)}",
-                                           initializer=torch.set_num_threads, initargs=(1,))
+                                           initializer=_one_intra_op_thread)
 
-    def submit(self, item: Any) -> Future:
-        return self.executor.submit(self.fn, item)
+    def submit(self, envelopes: list[Envelope]) -> Future:
+        return self.executor.submit(self.fn, envelopes, self._cancelled)
 
-    def result(self, task: Future) -> Any:
+    def _cancelled(self, index: int) -> bool:
+        return self.stopping.is_set()
+
+    def result(self, task: Future) -> list[Done]:
         return task.result()
 
     def done(self, task: Future) -> bool:
         return task.done()
 
-    def drop(self, task: Future) -> None:
-        task.cancel()  # one already running finishes; its result is dropped
+    def cancel(self) -> None:
+        self.stopping.set()
+
+    def resume(self) -> None:
+        self.stopping.clear()
+
+    def drop(self, tasks: list[Future]) -> None:
+        for task in tasks:
+            task.cancel()  # one not started never starts
+        wait_for(tasks)  # the running ones stop before their next sample
 
     def shutdown(self) -> None:
+        self.stopping.set()
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-class _ProcessPool:
-    """Worker processes, each with its own pipe: item ``k`` goes to worker ``k mod n`` and its
+class _ProcessPool(_Pool):
+    """Worker processes, each with its own pipe: task ``k`` goes to worker ``k mod n`` and its
     result comes back on the same pipe, so results arrive in order with no thread in between.
-    Each worker gets ``fn`` once, at start-up, and uses one torch thread. The tensors it returns
-    travel as numpy arrays: through a shared-memory :class:`_Arena` when the workers are forked
-    (one copy out on arrival), else pickled through the pipe; never as torch's per-tensor
-    shared-memory file descriptors, which cost milliseconds each."""
+    Each worker gets ``fn`` once, at start-up, and uses one torch thread. A small shared array
+    holds the cancel flag and the sample each worker is on (to name it if the worker dies). The
+    tensors a task returns travel as numpy arrays: through a shared-memory :class:`_Arena` when
+    the workers are forked (one copy out on arrival), else pickled through the pipe; never as
+    torch's per-tensor shared-memory file descriptors, which cost milliseconds each."""
 
     def __init__(self, fn: Callable, workers: int, mp_context: str | None):
         context = multiprocessing.get_context(mp_context)
         forked = context.get_start_method() == "fork"
+        self.control = context.RawArray("q", 1 + workers)  # [cancel flag, sample index per worker]
         self.pipes: list[Connection] = []
         self.processes: list[BaseProcess] = []
         self.arenas: list[_Arena | None] = []
-        for _ in range(workers):
+        for index in range(workers):
             ours, theirs = context.Pipe()
             arena = _Arena() if forked else None
-            process = context.Process(target=_serve, args=(theirs, fn, arena),  # type: ignore[attr-defined]
+            process = context.Process(target=_serve, args=(theirs, fn, self.control, index, arena),  # type: ignore[attr-defined]
                                       daemon=True, name="flows-worker")
             process.start()
             theirs.close()
@@ -246,37 +457,46 @@ class _ProcessPool:
             self.arenas.append(arena)
         self.sent = 0
 
-    def submit(self, item: Any) -> int:
+    def submit(self, envelopes: list[Envelope]) -> int:
         worker = self.sent % len(self.pipes)
         self.sent += 1
         try:
-            self.pipes[worker].send(item)
+            self.pipes[worker].send(envelopes)
         except OSError as error:
             raise _WorkerDied(f"exit code {self.processes[worker].exitcode}") from error
         return worker
 
-    def result(self, worker: int) -> Any:
+    def result(self, worker: int) -> list[Done]:
         try:
             out = self.pipes[worker].recv()
         except (EOFError, OSError):
             self.processes[worker].join(timeout=1)
-            raise _WorkerDied(f"exit code {self.processes[worker].exitcode}") from None
+            raise _WorkerDied(f"exit code {self.processes[worker].exitcode}",
+                              int(self.control[1 + worker])) from None
         if isinstance(out, _Failed):
             raise out.error
-        return _wire(out, _unpacker(self.arenas[worker]))
+        unpack = _unpacker(self.arenas[worker])
+        for done in out:
+            done.out = unpack(done.out)
+        return out
 
-    def done(self, worker: int) -> bool:
-        return False  # unknown without reading the pipe: counted as in flight
+    def cancel(self) -> None:
+        self.control[0] = 1
 
-    def drop(self, worker: int) -> None:
-        try:
-            self.result(worker)  # wait for it and throw it away: the pipe stays in order
-        except _WorkerDied:
-            raise
-        except Exception:  # noqa: BLE001,S110 - a dropped item's failure does not matter
-            pass
+    def resume(self) -> None:
+        self.control[0] = 0
+
+    def drop(self, tasks: list[int]) -> None:
+        for worker in tasks:  # in order: each pipe stays in step
+            try:
+                self.result(worker)
+            except _WorkerDied:
+                raise
+            except Exception:  # noqa: BLE001,S110 - a dropped task's failure does not matter
+                pass
 
     def shutdown(self) -> None:
+        self.control[0] = 1
         for pipe in self.pipes:
             with contextlib.suppress(OSError):
                 pipe.send(None)
@@ -294,51 +514,64 @@ class _ProcessPool:
 
 @dataclass
 class _Failed:
-    """An exception ``fn`` raised in a worker process, on its way back."""
+    """An exception a task raised, on its way back."""
 
     error: BaseException
 
 
-def _serve(pipe: Connection, fn: Callable, arena: _Arena | None = None) -> None:
-    """A worker process: map each item received on ``pipe`` until None, until the pipe closes,
+def _serve(pipe: Connection, fn: Callable, control: Any, index: int, arena: _Arena | None = None) -> None:
+    """A worker process: run each task received on ``pipe`` until None, until the pipe closes,
     or until the consumer's process is gone (a forked worker holds copies of the consumer's pipe
-    ends, so it may see no end of file when the consumer dies)."""
+    ends, so it may see no end of file when the consumer dies). A task stops before its next
+    sample when the consumer cancels it or is gone."""
     torch.set_num_threads(1)  # the workers are the parallelism
     consumer = os.getppid()
+
+    def cancelled(sample: int) -> bool:
+        control[1 + index] = sample
+        return bool(control[0]) or os.getppid() != consumer
+
     while True:
         try:
             while not pipe.poll(1.0):
                 if os.getppid() != consumer:
                     return
-            item = pipe.recv()
+            envelopes = pipe.recv()
         except (EOFError, OSError):
             return
-        if item is None:
+        if envelopes is None:
             return
         try:
-            out: Any = _wire(fn(item), _packer(arena))
+            out: Any = fn(envelopes, cancelled)
+            pack = _packer(arena)
+            for done in out:
+                done.out = pack(done.out)
         except Exception as error:  # noqa: BLE001 - re-raised in the consumer
             out = _Failed(error)
         if arena is not None:
-            arena.items += 1
+            arena.tasks += 1
+        if os.getppid() != consumer:
+            return
         try:
             pipe.send(out)
         except Exception as error:  # noqa: BLE001 - e.g. an output that cannot be pickled
             pipe.send(_Failed(FlowsError(f"a worker could not send its output back: {error}")))
 
 
-SLOT_BYTES = 4 << 20  # shared memory per result; arrays beyond it go through the pipe
-_SLOTS = _IN_FLIGHT + 1  # per worker: its items in flight and the one being read
+SLOT_BYTES = 64 << 20  # shared memory per task (a batch); arrays beyond it go through the pipe
+_SLOTS = _IN_FLIGHT + 1  # per worker: its tasks in flight and the one being read
 
 
 class _Arena:
-    """Anonymous shared memory a forked worker writes its results' arrays to: slot ``j % 9``
-    for the ``j``-th item it receives. A worker has at most 8 items in flight plus the one the
-    consumer is reading, so every slot is read before it is written again."""
+    """Anonymous shared memory (nothing in ``/dev/shm`` to leave behind) a forked worker writes
+    its results' arrays to: slot ``j % 3`` for the ``j``-th task it receives. A worker has at
+    most 2 tasks in flight plus the one the consumer is reading, so every slot is read before it
+    is written again. Pages are allocated as they are first written: a slot costs the size of
+    the largest batch written to it, not ``SLOT_BYTES``."""
 
     def __init__(self) -> None:
         self.memory = mmap.mmap(-1, _SLOTS * SLOT_BYTES)  # MAP_SHARED: seen by forked children
-        self.items = 0  # counted in the worker
+        self.tasks = 0  # counted in the worker
 
 
 @dataclass
@@ -360,8 +593,9 @@ class _Packed:
 
 
 def _packer(arena: _Arena | None) -> Callable[[Any], Any]:
-    """In a worker: every CPU tensor of a result to an array, in the next arena slot while it fits."""
-    base, used = ((arena.items % _SLOTS) * SLOT_BYTES if arena is not None else 0), 0
+    """In a worker: every CPU tensor of a task's outputs to an array, in the task's arena slot
+    while it fits."""
+    base, used = ((arena.tasks % _SLOTS) * SLOT_BYTES if arena is not None else 0), 0
 
     def pack(x: Any) -> Any:
         nonlocal used
@@ -403,27 +637,20 @@ def _nested(x: Any, fn: Callable[[Any], Any]) -> Any:
     return x
 
 
-def _wire(out: Any, fn: Callable[[Any], Any]) -> Any:
-    """``fn`` over a worker's output: an Envelope's item, or the output itself."""
-    if isinstance(out, Envelope):
-        out.item = fn(out.item)
-        return out
-    return fn(out)
-
-
 class Gather(BaseNode):
-    """Regroups Envelopes into this rank's batches (or single items when ``batched`` is False).
+    """Hands on the outputs of :class:`Workers` (this rank's batches, or single items of an
+    unbatched flow), in order.
 
-    Failed samples raise :class:`StageError` (``on_error="raise"``) or are skipped and counted
-    (``on_error="skip"``); filtered samples are counted. The counts run over all epochs and are
-    part of the state."""
+    Samples a stage failed on raise :class:`StageError` (``on_error="raise"``) or are skipped
+    and counted (``on_error="skip"``); filtered samples are counted. The counts run over all
+    epochs and are part of the state. The work per output is O(1) (plus one step per dropped
+    sample)."""
 
-    def __init__(self, source: BaseNode, collate: Callable | None = None, batched: bool = True,
-                 on_error: OnError = "raise"):
+    def __init__(self, source: BaseNode, on_error: OnError = "raise"):
         super().__init__()
         if on_error not in ("raise", "skip"):
             raise FlowsError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-        self.source, self.collate, self.batched, self.on_error = source, collate, batched, on_error
+        self.source, self.on_error = source, on_error
         self.skipped = 0
         self.filtered = 0
 
@@ -436,17 +663,12 @@ class Gather(BaseNode):
             self.skipped, self.filtered = initial_state["skipped"], initial_state["filtered"]
 
     def next(self) -> Any:
-        items: list[Any] = []
         while True:
-            envelope: Envelope = next(self.source)
-            if isinstance(envelope.item, Dropped):
-                self._drop(envelope.item)
-            else:
-                items.append(envelope.item)
-            if items and (envelope.last or not self.batched):
-                if not self.batched:
-                    return items[0]
-                return self.collate(items) if self.collate else items
+            done: Done = next(self.source)
+            for dropped in done.dropped:
+                self._drop(dropped)
+            if done.kept:
+                return done.out
 
     def _drop(self, dropped: Dropped) -> None:
         if dropped.error is None:

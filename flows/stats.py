@@ -2,9 +2,10 @@
 optional Chrome trace.
 
 ``flow.loader(stats=True)`` builds the same graph with transparent probes (same outputs, same
-state): the source (the Sampler reading records), every per-sample stage (timed inside the
-workers, threads or processes: the timings travel back with each sample), collation, the queues
-of the workers and of the prefetcher, and the time the training loop waits for each batch.
+state): the source (the Sampler reading records), every per-sample stage and the collation
+(timed inside the workers, threads or processes: the timings travel back with each task, a
+batch), the queues of the workers and of the prefetcher, and the time the training loop waits
+for each batch.
 ``loader.stats()`` returns a :class:`Report`; ``print(report.table())`` shows it and names the
 bottleneck; ``report.save_trace("trace.json")`` writes a Chrome trace (``chrome://tracing`` or
 https://ui.perfetto.dev) when the loader was built with ``stats=Stats(trace=True)``.
@@ -27,13 +28,12 @@ from torchdata.nodes import BaseNode
 
 from flows.errors import FlowsError
 from flows.loader import Loader
-from flows.nodes import Apply, Workers
+from flows.nodes import Apply, Cancelled, Done, Workers, never_cancelled
 from flows.prefetch import Prefetch
 from flows.sampling import Envelope
 from flows.stages import Filter, stage_name
 
-_TIMINGS = "flows_timings"  # the Envelope attribute carrying a sample's stage timings
-_local = threading.local()  # the current sample's timing records, per worker thread
+_local = threading.local()  # the current task's timing records, per worker thread
 
 # one timing record: (stage name, start ns, duration ns, own duration ns without nested stages)
 Record = tuple[str, int, int, int]
@@ -51,9 +51,9 @@ class TimedStage:
     A :class:`~flows.cache.Cached` stage is reported as ``cache (hit)`` or ``cache (miss)``,
     with its inner stages reported separately on a miss."""
 
-    def __init__(self, stage: Callable, cached: bool = False):
+    def __init__(self, stage: Callable, cached: bool = False, name: str | None = None):
         self.stage, self.cached = stage, cached
-        self.name = stage_name(stage)
+        self.name = name or stage_name(stage)
         self.random = getattr(stage, "random", False)
 
     def __call__(self, *args: Any) -> Any:
@@ -95,20 +95,24 @@ def timed(stage: Callable) -> Callable:
 
 class TimedApply:
     """The workers' function with stats on: runs :class:`~flows.nodes.Apply` over timed stages
-    and attaches the sample's records (plus process and thread ids) to its Envelope."""
+    and a timed collate, and attaches the task's records (plus process and thread ids) to its
+    first output."""
 
     def __init__(self, apply: Apply):
-        self.apply = Apply([timed(s) for s in apply.stages], apply.seed)
+        collate = None if apply.collate is None else TimedStage(apply.collate, name="collate")
+        self.apply = Apply([timed(s) for s in apply.stages], apply.seed, collate, apply.batched,
+                           apply.on_error)
 
-    def __call__(self, envelope: Envelope) -> Envelope:
+    def __call__(self, envelopes: list[Envelope], cancelled: Cancelled = never_cancelled) -> list[Done]:
         records: list[Record] = []
         _local.records = records
         try:
-            out = self.apply(envelope)
+            outs = self.apply(envelopes, cancelled)
         finally:
             _local.records = None
-        setattr(out, _TIMINGS, (os.getpid(), threading.get_ident(), records))
-        return out
+        if outs:
+            outs[0].timings = (os.getpid(), threading.get_ident(), records)
+        return outs
 
 
 # ---- probes in the main process -------------------------------------------------------------
@@ -140,7 +144,7 @@ class _TimedSource(_Probe):
 
 
 class _Collect(_Probe):
-    """Wraps :class:`~flows.nodes.Workers`: gathers the samples' stage timings, the time spent
+    """Wraps :class:`~flows.nodes.Workers`: gathers the tasks' stage timings, the time spent
     waiting for them and the workers' queue depths."""
 
     source: Workers
@@ -148,20 +152,9 @@ class _Collect(_Probe):
     def next(self) -> Any:
         self.stats._sample_workers(self.source)
         start = _now()
-        envelope = next(self.source)
-        self.stats._envelope(envelope, start, _now() - start)
-        return envelope
-
-
-class _TimedCollate:
-    def __init__(self, collate: Callable, stats: Stats):
-        self.collate, self.stats = collate, stats
-
-    def __call__(self, items: Any) -> Any:
-        start = _now()
-        out = self.collate(items)
-        self.stats._node("collate", start, _now() - start, len(items))
-        return out
+        done = next(self.source)
+        self.stats._done(done, start, _now() - start)
+        return done
 
 
 def _workers_queues(workers: Workers) -> tuple[int, int, int] | None:
@@ -221,9 +214,6 @@ class Stats:
     def collect(self, workers: Workers) -> BaseNode:
         return _Collect(workers, self)
 
-    def collate(self, collate: Callable | None) -> Callable | None:
-        return None if collate is None else _TimedCollate(collate, self)
-
     def attach(self, root: BaseNode) -> None:
         """Find the prefetcher under the loader's root (its queue depth is sampled per batch)."""
         node: Any = root
@@ -248,16 +238,16 @@ class Stats:
             if self.trace:
                 self._event(name, start, duration)
 
-    def _envelope(self, envelope: Envelope, start: int, waited: int) -> None:
-        pid, tid, records = getattr(envelope, _TIMINGS, (0, 0, ()))
+    def _done(self, done: Done, start: int, waited: int) -> None:
+        pid, tid, records = done.timings or (0, 0, ())
         with self._lock:
-            self.samples += 1
+            self.samples += done.samples
             self.gather_wait_ns += waited
             for name, begin, duration, own in records:
                 entry = self.calls.setdefault(name, [0, 0, 0])
                 entry[0] += 1
                 entry[1] += own
-                entry[2] += 1
+                entry[2] += done.kept if name == "collate" else 1
                 if self.trace:
                     self._event(name, begin, duration, pid, tid)
             if self.trace:
@@ -310,7 +300,7 @@ class Stats:
         with self._lock:
             nodes = []
             for name, (calls, ns, items) in self.calls.items():
-                parallel = 1 if name in ("source", "collate") else self.workers
+                parallel = 1 if name == "source" else self.workers
                 nodes.append(NodeStats(name, calls, items, ns / 1e9, parallel))
             queues = [QueueStats(name, q.total / max(q.samples, 1), q.peak, q.capacity, q.samples)
                       for name, q in self.queues.items()]
@@ -431,14 +421,14 @@ def _ordered(nodes: list[NodeStats]) -> list[NodeStats]:
 
 def _bottleneck(report: Report) -> tuple[str, str]:
     """The node that limits throughput: the training loop itself when it rarely waits for
-    batches; else the node with the lowest capacity (the per-sample stages share the workers,
-    so among them it is the one taking most of their time)."""
+    batches; else the node with the lowest capacity (the per-sample stages and the collation
+    share the workers, so among them it is the one taking most of their time)."""
     if not report.nodes:
         return "", ""
     if report.batches > 1 and report.seconds > 0 and report.waited < 0.1 * report.seconds:
         return "consumer", (f"the training loop waited for batches only "
                             f"{100 * report.waited / report.seconds:.0f}% of the time")
-    stages = [n for n in report.nodes if n.name not in ("source", "collate")]
+    stages = [n for n in report.nodes if n.name != "source"]
     stage_time = sum(n.seconds for n in stages)
     candidates: list[tuple[float, str, str]] = []
     if stages and stage_time > 0:
@@ -446,10 +436,9 @@ def _bottleneck(report: Report) -> tuple[str, str]:
         pool = max(n.items for n in stages) * report.workers / stage_time
         candidates.append((pool, worst.name, f"{100 * worst.seconds / stage_time:.0f}% of the "
                            f"{report.workers} worker(s)' time; they sustain {pool:.0f} samples/s"))
-    for name in ("source", "collate"):
-        node = next((n for n in report.nodes if n.name == name), None)
-        if node is not None and node.seconds > 0:
-            candidates.append((node.rate, name, f"one thread, sustains {node.rate:.0f} samples/s"))
+    source = next((n for n in report.nodes if n.name == "source"), None)
+    if source is not None and source.seconds > 0:
+        candidates.append((source.rate, "source", f"one thread, sustains {source.rate:.0f} samples/s"))
     if not candidates:
         return "", ""
     _, name, reason = min(candidates)

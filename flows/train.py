@@ -66,7 +66,7 @@ from flows.distributed import (
 from flows.errors import FlowsError
 from flows.flow import Flow
 from flows.metrics_log import LogFormat, MetricsLog, format_metrics, plot_log
-from flows.nodes import OnError, to_device
+from flows.nodes import OnError, to_device, training_threads
 from flows.recipe import Recipe, RecipeConfig
 from flows.tasks import Sums, finalize
 
@@ -317,10 +317,13 @@ class _Run:
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(training_threads())  # half the cores: the other half for the workers
         try:
             return self._fit()
         finally:
             self.train_loader.close()  # no loader thread may outlive the run
+            torch.set_num_threads(threads)
 
     def _fit(self) -> TrainResult:
         start = time.perf_counter()
