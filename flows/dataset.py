@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from flows.errors import EmptySourceError, FlowsError
 from flows.nodes import Mix, OnError
-from flows.sampling import Batches, Plan, Segments
+from flows.sampling import Batches, EpochOrder, Plan, Segments
 
 MAX_WORKERS = 1024
 
@@ -55,7 +55,7 @@ class Strided(Plan):
     index: int
     count: int
 
-    def __call__(self, order: np.ndarray, source: Source, seed: int, epoch: int) -> Batches:
+    def __call__(self, order: EpochOrder, source: Source, seed: int, epoch: int) -> Batches:
         batches = self.plan(order, source, seed, epoch)
         return _Every(batches if isinstance(batches, Batches) else Segments.of(batches),
                       self.index, self.count)

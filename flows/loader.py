@@ -9,7 +9,7 @@ from torchdata.nodes import BaseNode
 from torchdata.nodes import Loader as _NodesLoader
 
 from flows.errors import FlowsError
-from flows.nodes import Gather, Mix, Workers
+from flows.nodes import Mix, Workers
 from flows.sampling import Sampler
 
 if TYPE_CHECKING:
@@ -123,9 +123,9 @@ class Loader:
     def batch_size(self) -> int | None:
         """Samples per batch on this rank; None when batches vary (``bucket``) or the flow is
         unbatched (it yields samples, like a DataLoader with ``batch_size=None``)."""
-        gather = _find(self.root, Gather)
+        workers = _find(self.root, Workers)
         size = getattr(self.samplers[0].plan, "size", None)
-        if gather is None or not gather.batched or size is None:
+        if workers is None or not workers.batched or size is None:
             return None
         return size // self.samplers[0].world_size
 

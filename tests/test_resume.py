@@ -139,7 +139,7 @@ def sampler(n: int = 13, seed: int = 2, size: int = 3) -> Sampler:
 
 
 def gathered(n: int = 13, seed: int = 2, workers: int = 0) -> Gather:
-    return Gather(Workers(sampler(n, seed), Apply([]), workers), Collate())
+    return Gather(Workers(sampler(n, seed), Apply([], collate=Collate()), workers))
 
 
 NODES = {
