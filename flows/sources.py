@@ -13,6 +13,7 @@ import functools
 import os
 import posixpath
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -244,6 +245,7 @@ class Table(Source):
         self.kind = ("parquet" if suffix.endswith((".parquet", ".pq")) else
                      "arrow" if suffix.endswith(ARROW_EXTENSIONS) else "csv")
         self._parquet: pq.ParquetFile | None = None
+        self._reading = threading.Lock()  # see _read
         self._rows: np.ndarray | None = None  # rows kept by `where` (None: all)
         self._codes: dict[str, np.ndarray] = {}  # class codes read once (4 bytes per row)
         if self.kind == "parquet":
@@ -277,13 +279,14 @@ class Table(Source):
 
     def __getstate__(self) -> dict:  # row-group readers and memory maps are reopened where used
         state = self.__dict__.copy()
-        state.update(_parquet=None, _read_group=None, _codes={})
+        state.update(_parquet=None, _read_group=None, _codes={}, _reading=None)
         if self.kind == "arrow":
             state["_table"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._reading = threading.Lock()
         if self.kind == "parquet":
             self._read_group = functools.lru_cache(maxsize=self.cached_row_groups)(self._group)
         elif self.kind == "arrow":
@@ -298,8 +301,15 @@ class Table(Source):
             self._parquet = pq.ParquetFile(handle, pre_buffer=True)
         return self._parquet
 
+    def _read(self, columns: list[str], group: int | None = None) -> pa.Table:
+        """``columns`` of row group ``group`` (None: of the whole file). Reads take turns: the
+        reader is shared by every loader of this flow, and pyarrow aborts on concurrent reads."""
+        with self._reading:
+            parquet = self._file()
+            return parquet.read(columns=columns) if group is None else parquet.read_row_group(group, columns)
+
     def _group(self, group: int) -> Columns:
-        return Columns(self._file().read_row_group(group, columns=self.columns))
+        return Columns(self._read(self.columns, group))
 
     def _parquet_filter(self, where: Where, columns: list[str]) -> np.ndarray | None:
         """Row numbers kept by ``where``, reading only its columns (all selected ones for a callable)."""
@@ -308,7 +318,7 @@ class Table(Source):
         kept = []
         for g in range(len(self._starts) - 1):
             needed = _where_columns(where) or columns
-            frame = self._file().read_row_group(g, columns=needed).to_pandas()
+            frame = self._read(needed, g).to_pandas()
             kept.append(self._starts[g] + np.flatnonzero(_mask(frame, where)))
         return np.concatenate(kept) if kept else np.zeros(0, np.int64)
 
@@ -341,7 +351,7 @@ class Table(Source):
         _check_columns(self.url, [name], self.columns)
         if self.kind != "parquet":
             return self._kept(self._table.column(name))
-        return self._kept(self._file().read(columns=[name]).column(name).to_numpy(zero_copy_only=False))
+        return self._kept(self._read([name]).column(name).to_numpy(zero_copy_only=False))
 
     def codes(self, name: str) -> np.ndarray:
         """Read once, one row group at a time, and kept: a new epoch or a restore reads nothing."""
@@ -352,7 +362,7 @@ class Table(Source):
             else:
                 groups = range(len(self._starts) - 1)
                 self._codes[name] = self._kept(_codes(
-                    self._file().read_row_group(g, columns=[name]).column(0).combine_chunks()
+                    self._read([name], g).column(0).combine_chunks()
                     for g in groups))
         return self._codes[name]
 
