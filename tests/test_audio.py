@@ -291,8 +291,9 @@ def test_table_recipe_reads_segments(long_clip, monkeypatch):
     from recipes.table import TableRecipe
 
     root, audio = long_clip
-    pd.DataFrame({"path": ["talk.wav"] * 3, "label": ["yes", "no", "yes"], "split": ["train"] * 3,
-                  "start": [0.0, 1.0, 3.0], "stop": [1.0, 2.5, 3.5]}).to_csv(root / "meta.csv", index=False)
+    pd.DataFrame({"path": ["talk.wav"] * 4, "label": ["yes", "no", "yes", "no"],
+                  "split": ["train"] * 3 + ["test"], "start": [0.0, 1.0, 3.0, 0.5],
+                  "stop": [1.0, 2.5, 3.5, 1.0]}).to_csv(root / "meta.csv", index=False)
     config = TableRecipe.Config(data_dir=str(root), table="meta.csv", split_column="split",
                                 start_column="start", end_column="stop", columns="path,label",
                                 sample_rate=44100, mono=False, batch_size=3)
