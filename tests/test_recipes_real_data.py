@@ -15,21 +15,12 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from flows.cli import main
 from flows.inspection import describe
 from flows.metrics_log import read_log
 from recipes.folder import Folder
 from recipes.table import TableRecipe
 from recipes.urbansound8k import UrbanSound8K
-
-
-def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse: --help and usage errors
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.test_cli import run
 
 
 def one_line(err: str, message: str) -> None:

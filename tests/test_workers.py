@@ -19,6 +19,14 @@ from flows import Flow, FlowsError, StageError, nodes
 from flows.nodes import training_threads
 from flows.testing import assert_same, check_resume, run_epochs
 
+ROOT = Path(__file__).resolve().parents[1]
+# the end of a subprocess script that built ``loader``: print its workers' pids, then wait
+SERVE_PIDS = """
+batch = next(iter(loader))
+print(" ".join(str(int(p)) for p in set(batch["pid"].tolist())), flush=True)
+time.sleep(60)
+"""
+
 
 def records(n: int) -> list[dict]:
     return [{"key": f"r{i}", "i": i} for i in range(n)]
@@ -90,12 +98,9 @@ def test_worker_processes_exit_when_their_consumer_is_killed():
         from flows import Flow
         from tests.test_workers import records, where
         loader = Flow.items(records(40)).map(where).batch(4).loader(num_workers=2, method="process")
-        batch = next(iter(loader))
-        print(" ".join(str(int(p)) for p in set(batch["pid"].tolist())), flush=True)
-        time.sleep(60)
     """)
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script + SERVE_PIDS], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]  # type: ignore[union-attr]
         assert pids
@@ -239,12 +244,9 @@ def test_sigterm_cancels_the_work_read_ahead(tmp_path):
         from tests.test_workers import logged, logged_records
         loader = Flow.items(logged_records(Path({str(tmp_path)!r}), 64)).map(logged).batch(8).loader(
             num_workers=2, method="process")
-        batch = next(iter(loader))
-        print(" ".join(str(int(p)) for p in set(batch["pid"].tolist())), flush=True)
-        time.sleep(60)
     """)
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script + SERVE_PIDS], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]  # type: ignore[union-attr]
         assert pids
