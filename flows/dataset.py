@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from flows.errors import EmptySourceError, FlowsError
-from flows.nodes import Mix, OnError
+from flows.nodes import OnError, epoch_owner
 from flows.sampling import Batches, EpochOrder, Plan, Segments
 
 MAX_WORKERS = 1024
@@ -154,9 +154,9 @@ class FlowDataset(IterableDataset):
 
     def __len__(self) -> int:
         """Outputs per epoch on this rank, over all DataLoader workers."""
-        loader = _at_epoch(self._build(0, 1), self.epoch)
+        loader = self._build(0, 1)
         try:
-            return len(loader)
+            return epoch_owner(loader.root).planned(self.epoch)
         finally:
             loader.close()
 
@@ -201,7 +201,7 @@ class FlowDataset(IterableDataset):
             run.empty = run.done
             state = None
         if state is None:
-            _at_epoch(loader, epoch)
+            epoch_owner(loader.root).seek(epoch)
         try:
             loader.root.reset(state["flow"] if state is not None else None)
         except EmptySourceError:
@@ -268,20 +268,3 @@ def _worker() -> tuple[int, int]:
         raise FlowsError(f"a FlowDataset serves at most {MAX_WORKERS} DataLoader workers, "
                          f"not {info.num_workers}")
     return info.id, info.num_workers
-
-
-def _at_epoch(loader: Loader, epoch: int) -> Loader:
-    """``loader``, a graph never started, set to start at ``epoch``."""
-    for sampler in loader.samplers:
-        sampler.epoch = epoch
-    for mix in _mixes(loader.root):
-        mix.epoch = epoch
-    return loader
-
-
-def _mixes(node: Any) -> list[Mix]:
-    """The Mix nodes at and below ``node`` (a flow's root: a Mix is only ever above Mixes and
-    Gathers)."""
-    if not isinstance(node, Mix):
-        return []
-    return [node, *(m for source in node.sources for m in _mixes(source))]

@@ -9,7 +9,7 @@ from torchdata.nodes import BaseNode
 from torchdata.nodes import Loader as _NodesLoader
 
 from flows.errors import FlowsError
-from flows.nodes import Mix, Workers
+from flows.nodes import Workers, epoch_owner
 from flows.sampling import Sampler
 
 if TYPE_CHECKING:
@@ -78,11 +78,7 @@ class Loader:
         The exact count unless samples are dropped (``on_error="skip"``, ``filter`` stages), then
         an upper bound, as a batch whose every sample is dropped does not come; after an epoch,
         :attr:`batches` is its exact count."""
-        top: Any = self.root
-        while not isinstance(top, (Mix, Sampler)):  # the node that plans the epoch
-            top = getattr(top, "source", None)
-            if not isinstance(top, BaseNode):
-                raise TypeError("this loader's graph has no Sampler or Mix to count batches with")
+        top = epoch_owner(self.root)
         return top.planned(top.epoch + self._ended)
 
     @property

@@ -722,7 +722,7 @@ class Mix(BaseNode):
             self.step, self.ended = 0, False
             self.done, self.restarts = [False] * len(self.sources), [0] * len(self.sources)
             for source in self.sources:
-                _seek(source, self.epoch)
+                epoch_owner(source).seek(self.epoch)
                 source.reset()
         self._started = True
 
@@ -737,7 +737,7 @@ class Mix(BaseNode):
                 self.ended = self.stop == "first" or all(self.done)
                 if not self.ended:
                     self.restarts[pick] += 1
-                    _seek(self.sources[pick], self.epoch + self.restarts[pick])
+                    epoch_owner(self.sources[pick]).seek(self.epoch + self.restarts[pick])
                     self.sources[pick].reset()
         raise StopIteration  # every time, until the next reset
 
@@ -749,7 +749,7 @@ class Mix(BaseNode):
     def planned(self, epoch: int) -> int:
         """Items in ``epoch`` when every source delivers all it plans (no sample dropped)."""
         if epoch not in self._lengths:
-            left = [_planned(source, epoch) for source in self.sources]
+            left = [epoch_owner(source).planned(epoch) for source in self.sources]
             done, restarts = [False] * len(left), [0] * len(left)
             step = count = 0
             while True:
@@ -762,7 +762,7 @@ class Mix(BaseNode):
                 if self.stop == "first" or all(done):
                     break
                 restarts[pick] += 1
-                left[pick] = _planned(self.sources[pick], epoch + restarts[pick])
+                left[pick] = epoch_owner(self.sources[pick]).planned(epoch + restarts[pick])
             self._lengths[epoch] = count
         return self._lengths[epoch]
 
@@ -770,21 +770,15 @@ class Mix(BaseNode):
         return int(rng(self.seed, epoch, step).choice(len(self.sources), p=self.weights))
 
 
-def _epoch_owner(node: Any) -> Any:
-    """The node under ``node`` that numbers its epochs (a Sampler or a Mix)."""
+def epoch_owner(node: Any) -> Any:
+    """The node at or under ``node`` that numbers the epochs (a Sampler or a Mix): its
+    ``seek(epoch)`` makes the next ``reset()`` start ``epoch``, its ``planned(epoch)`` counts
+    that epoch's outputs."""
     while not hasattr(node, "seek"):
-        node = node.source
+        node = getattr(node, "source", None)
+        if not isinstance(node, BaseNode):
+            raise TypeError("this graph has no Sampler or Mix that numbers its epochs")
     return node
-
-
-def _seek(node: BaseNode, epoch: int) -> None:
-    """Make the next ``node.reset()`` without a state start ``epoch``."""
-    _epoch_owner(node).seek(epoch)
-
-
-def _planned(node: BaseNode, epoch: int) -> int:
-    """Outputs of ``node`` in ``epoch`` when no sample is dropped."""
-    return _epoch_owner(node).planned(epoch)
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
