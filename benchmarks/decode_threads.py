@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import soundfile
 
-from flows.audio import DecodeAudio, Downmix, PadTrim, Resample
-from flows.stages import ReadBytes
+from flows.stages.audio import DecodeAudio, Downmix, PadTrim, Resample
+from flows.stages.read import ReadBytes
 
 RATE, FRAMES = 16_000, 64_000
 

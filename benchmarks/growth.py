@@ -61,7 +61,7 @@ def make_table(path: Path, rows: int) -> None:
 
 def make_manifest(path: Path, rows: int) -> None:
     """An Arrow IPC file manifest of ``rows`` files, written in record batches."""
-    from flows.manifest import SCHEMA
+    from flows.sources.manifest import SCHEMA
 
     if path.exists():
         return

@@ -11,7 +11,7 @@
    per sample (the client's cost: what flows controls) and the server's CPU per sample (on a real
    object store, not ours). Headline: **best S3 config / best local config**, per server.
 3. Per GET (sequential whole reads of the clips, ~100-700 KiB): client CPU and server CPU for
-   s3fs ``cat_file``, obstore through its fsspec adapter, flows.io with obstore (``read_bytes``,
+   s3fs ``cat_file``, obstore through its fsspec adapter, flows.storage.io with obstore (``read_bytes``,
    size from the listing) and s3torchconnector's ``S3Client.get_object`` where installed.
 4. ``--tiny`` tiny WAVs in one prefix: listing + flow build, then the first batch, per server and
    client; and flows' per-object overhead over obstore's raw listing.
@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flows import Flow  # noqa: E402
-from flows import io as fio  # noqa: E402
-from flows.objstore import CLIENT_OPTION  # noqa: E402
+from flows.storage import io as fio  # noqa: E402
+from flows.storage.objstore import CLIENT_OPTION  # noqa: E402
 from tests.s3server import (  # noqa: E402
     AWS_ENV_TO_UNSET,
     DUMMY_AWS_ENV,

@@ -1,25 +1,29 @@
 """flows: composable, exactly resumable data pipelines for PyTorch, audio first."""
 
-from flows.audio import DecodeAudio, Downmix, Normalize, PadTrim, RandomCrop, Resample
-from flows.batching import Collate
-from flows.cache import Cached
 from flows.errors import ColumnError, EmptySourceError, FlowsError, RemoteError, StageError
-from flows.flow import Flow, distributed_position
+from flows.execution.apply import Apply
+from flows.execution.threads import training_threads
+from flows.flow import Flow
 from flows.loader import Loader
-from flows.nodes import Apply, Gather, Mix, ToDevice, Workers, training_threads
-from flows.prefetch import Prefetch
-from flows.sampling import (
-    DurationBuckets,
-    Envelope,
-    FixedBatches,
-    Order,
-    Plan,
-    Sampler,
-    StratifiedBatches,
-    splits,
-)
-from flows.sources import AUDIO_EXTENSIONS, Columns, Files, Items, Source, Subset, Table
-from flows.stages import DecodeTensor, Filter, Map, ReadBytes, Stage
+from flows.nodes.gather import Gather
+from flows.nodes.mix import Mix
+from flows.nodes.prefetch import Prefetch
+from flows.nodes.sampler import Envelope, Sampler
+from flows.nodes.to_device import ToDevice
+from flows.nodes.workers import Workers
+from flows.ranks import distributed_position
+from flows.sampling.order import Order, splits
+from flows.sampling.plans import DurationBuckets, FixedBatches, Plan, StratifiedBatches
+from flows.sources.base import Source, Subset
+from flows.sources.files import AUDIO_EXTENSIONS, Files
+from flows.sources.items import Columns, Items
+from flows.sources.table import Table
+from flows.stages.audio import DecodeAudio, Downmix, Normalize, PadTrim, RandomCrop, Resample
+from flows.stages.base import Filter, Map, Stage
+from flows.stages.cache import Cached
+from flows.stages.collate import Collate
+from flows.stages.read import ReadBytes
+from flows.stages.tensor import DecodeTensor
 from flows.stats import Report, Stats
 
 __all__ = [

@@ -1,5 +1,5 @@
 """``python -m flows``: the same as the ``flows`` command."""
 
-from flows.cli import main
+from flows.training.cli import main
 
 raise SystemExit(main())

@@ -26,24 +26,24 @@ resume on another number of workers, use :class:`flows.Loader` (``flow.loader()`
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from flows.errors import EmptySourceError, FlowsError
-from flows.nodes import OnError, epoch_owner
-from flows.sampling import Batches, EpochOrder, Plan, Segments
+from flows.nodes.graph import epoch_owner
+from flows.sampling.order import EpochOrder
+from flows.sampling.plans import Batches, Plan, Segments
 
 MAX_WORKERS = 1024
 
 if TYPE_CHECKING:
-    from flows.flow import Flow
     from flows.loader import Loader
-    from flows.sources import Source
+    from flows.sources.base import Source
 
 
 @dataclass(frozen=True)
@@ -79,23 +79,6 @@ class _Every(Batches):
         return _Every(self.batches.at_least(size), self.index, self.count)
 
 
-@dataclass(frozen=True)
-class _Resolved:
-    """A plan factory that pickles: the plan already made for the world size."""
-
-    plan: Plan
-
-    def __call__(self, world_size: int) -> Plan:
-        return self.plan
-
-
-def _resolved(flow: Flow, world_size: int) -> Flow:
-    """``flow`` with its plans made for ``world_size`` (``Flow.batch`` makes them with a lambda)."""
-    if flow.mixed:
-        return dataclasses.replace(flow, mixed=tuple((_resolved(f, world_size), w) for f, w in flow.mixed))
-    return flow if flow.plan is None else dataclasses.replace(flow, plan=_Resolved(flow.plan(world_size)))
-
-
 @dataclass
 class _Run:
     """One iteration (an epoch, or the rest of one) in this process."""
@@ -111,21 +94,10 @@ class FlowDataset(IterableDataset):
     epoch, sharded over the DataLoader's workers; a torchdata ``Stateful`` (see the module
     docstring). Build it with :meth:`flows.Flow.dataset`."""
 
-    def __init__(self, flow: Flow, num_workers: int = 0, method: Literal["thread", "process"] = "thread",
-                 on_error: OnError = "raise", rank: int | None = None, world_size: int | None = None,
-                 mp_context: str | None = None):
-        from flows.flow import distributed_position
-
-        if flow.device is not None:
-            raise FlowsError("a flow moved to a device cannot be a DataLoader's dataset: drop .to() and "
-                             "move batches in the training loop (or use flow.loader())")
-        if rank is None or world_size is None:
-            rank, world_size = distributed_position()
-        # the DataLoader pins (pin_memory=True); spawned workers get the flow pickled
-        self.flow = dataclasses.replace(_resolved(flow, world_size), pin_memory=False)
-        self.rank, self.world_size = rank, world_size
-        self.options: dict[str, Any] = {"num_workers": num_workers, "method": method, "on_error": on_error,
-                                        "mp_context": mp_context}
+    def __init__(self, build: Callable[[], Loader]):
+        # ``build()``: a loader of this rank's flow without prefetch (a picklable callable:
+        # spawned workers get it pickled); the DataLoader pins (pin_memory=True)
+        self.build = build
         # the epoch each DataLoader worker slot starts next, in memory every copy shares
         self._next_epochs = torch.zeros(MAX_WORKERS, dtype=torch.int64).share_memory_()
         self._run: _Run | None = None
@@ -210,7 +182,7 @@ class FlowDataset(IterableDataset):
             run.empty = True
 
     def _build(self, worker: int, workers: int) -> Loader:
-        loader = self.flow.loader(prefetch=0, rank=self.rank, world_size=self.world_size, **self.options)
+        loader = self.build()
         assert not loader.wrappers, "no prefetch, pinning or device: the root is the flow itself"
         if workers > 1:
             for sampler in loader.samplers:

@@ -14,10 +14,11 @@ Sampler -> Workers(stages and collate, one task per batch) -> Gather -> Prefetch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -25,37 +26,30 @@ import pyarrow as pa
 import torch
 from torchdata.nodes import BaseNode
 
-from flows import audio, stages
-from flows.batching import Collate
-from flows.cache import Cached
+from flows.dataset import FlowDataset
 from flows.errors import EmptySourceError, FlowsError
+from flows.execution.apply import Apply, OnError
 from flows.loader import Loader
-from flows.nodes import Apply, Gather, Mix, OnError, ToDevice, Workers
-from flows.prefetch import Prefetch
-from flows.sampling import (
-    DurationBuckets,
-    FixedBatches,
-    Order,
-    Plan,
-    Sampler,
-    StratifiedBatches,
-    splits,
-)
-from flows.sources import (
-    AUDIO_EXTENSIONS,
-    ColumnData,
-    Columns,
-    Files,
-    Items,
-    Source,
-    Subset,
-    Table,
-    Where,
-)
+from flows.nodes.gather import Gather
+from flows.nodes.mix import Mix
+from flows.nodes.prefetch import Prefetch
+from flows.nodes.sampler import Sampler
+from flows.nodes.to_device import ToDevice
+from flows.nodes.workers import Workers
+from flows.ranks import distributed_position
+from flows.sampling.order import Order, splits
+from flows.sampling.plans import DurationBuckets, FixedBatches, Plan, StratifiedBatches
+from flows.sources.base import Source, Subset
+from flows.sources.files import AUDIO_EXTENSIONS, Files
+from flows.sources.items import ColumnData, Columns, Items
+from flows.sources.table import Table, Where
+from flows.stages import audio
+from flows.stages.base import Filter, Map
+from flows.stages.cache import Cached
+from flows.stages.collate import Collate
+from flows.stages.read import ReadBytes
+from flows.stages.tensor import DecodeTensor
 from flows.stats import Stats
-
-if TYPE_CHECKING:
-    from flows.dataset import FlowDataset
 
 PlanFactory = Callable[[int], Plan]  # world size -> plan of global batches
 
@@ -109,7 +103,7 @@ class Flow:
 
     @classmethod
     def from_source(cls, source: Source, storage_options: dict | None = None) -> Flow:
-        """Any :class:`~flows.sources.Source`."""
+        """Any :class:`~flows.sources.base.Source`."""
         return cls(source, storage_options=storage_options)
 
     @classmethod
@@ -151,17 +145,17 @@ class Flow:
     def map(self, fn: Callable, field: str | None = None, to: str | None = None,
             name: str | None = None) -> Flow:
         """Apply ``fn`` to each item (or to ``item[field]``); any callable or nn.Module."""
-        stage = fn if field is None and to is None and name is None else stages.Map(fn, field, to, name)
+        stage = fn if field is None and to is None and name is None else Map(fn, field, to, name)
         return self._with(stages=(*self.stages, stage))
 
     def filter(self, predicate: Callable[[Any], bool], name: str | None = None) -> Flow:
         """Drop items for which ``predicate`` is false (counted in ``loader.filtered``)."""
-        return self.map(stages.Filter(predicate, name))
+        return self.map(Filter(predicate, name))
 
     def read(self, field: str = "path", retries: int = 5, cache_dir: str | None = None) -> Flow:
         """Read each item's ``path`` (any fsspec URL) into ``bytes``, retrying transient errors;
         ``cache_dir`` keeps a local copy of remote files for later epochs."""
-        return self.map(stages.ReadBytes(field, self.storage_options, retries, cache_dir))
+        return self.map(ReadBytes(field, self.storage_options, retries, cache_dir))
 
     def decode_audio(self, field: str = "bytes", start: str | None = None, end: str | None = None,
                      duration: str | None = None,
@@ -174,12 +168,12 @@ class Flow:
         errors of this stage."""
         decode = audio.DecodeAudio(field, start, end, duration, unit)
         before = self.stages
-        if field == "bytes" and before and isinstance(before[-1], stages.ReadBytes):
+        if field == "bytes" and before and isinstance(before[-1], ReadBytes):
             before = (*before[:-1], before[-1].referring("all" if decode.segmented else "local"))
         return self._with(stages=(*before, decode))
 
     def decode_tensor(self, field: str = "bytes", to: str = "tensor") -> Flow:
-        return self.map(stages.DecodeTensor(field, to))
+        return self.map(DecodeTensor(field, to))
 
     def downmix(self) -> Flow:
         return self.map(audio.Downmix())
@@ -247,15 +241,14 @@ class Flow:
         ``num_workers`` threads or processes run the per-sample stages, in order, so the output
         does not depend on their number. ``rank``/``world_size`` default to torch.distributed's.
         ``prefetch`` batches are read ahead in one background thread (0: none; see
-        :class:`~flows.prefetch.Prefetch`). ``on_error="skip"`` skips failing samples and counts
+        :class:`~flows.nodes.prefetch.Prefetch`). ``on_error="skip"`` skips failing samples and counts
         them (``loader.skipped``). ``stats=True`` (or a :class:`~flows.stats.Stats`) times every
         node: ``loader.stats()``."""
         if rank is None or world_size is None:
             rank, world_size = distributed_position()
         collector = (stats if isinstance(stats, Stats) else Stats()) if stats else None
         samplers: list[Sampler] = []
-        root = self._build(num_workers, method, on_error, rank, world_size, mp_context, samplers,
-                           collector)
+        root = self._build(num_workers, method, on_error, rank, world_size, mp_context, samplers)
         wrappers = 0
         if prefetch or (self.pin_memory and torch.cuda.is_available()):
             root, wrappers = Prefetch(root, prefetch, pin=self.pin_memory), wrappers + 1
@@ -270,16 +263,27 @@ class Flow:
         ``load_state_dict()``, for torch's ``DataLoader`` and torchdata's ``StatefulDataLoader``
         (see :mod:`flows.dataset`). The options are :meth:`loader`'s, for the stages run inside
         each DataLoader worker (or the main process)."""
-        from flows.dataset import FlowDataset
+        if self.device is not None:
+            raise FlowsError("a flow moved to a device cannot be a DataLoader's dataset: drop .to() and "
+                             "move batches in the training loop (or use flow.loader())")
+        if rank is None or world_size is None:
+            rank, world_size = distributed_position()
+        flow = self._for_world(world_size)._with(pin_memory=False)  # the DataLoader pins
+        return FlowDataset(functools.partial(flow.loader, num_workers, method, prefetch=0, on_error=on_error,
+                                             rank=rank, world_size=world_size, mp_context=mp_context))
 
-        return FlowDataset(self, num_workers, method, on_error, rank, world_size, mp_context)
+    def _for_world(self, world_size: int) -> Flow:
+        """This flow with its plans made for ``world_size``: a flow that pickles (``batch()``
+        makes its plans with a lambda)."""
+        if self.mixed:
+            return self._with(mixed=tuple((f._for_world(world_size), w) for f, w in self.mixed))
+        return self if self.plan is None else self._with(plan=_Made(self.plan(world_size)))
 
     def _build(self, num_workers: int, method: Literal["thread", "process"], on_error: OnError,
                rank: int, world_size: int, mp_context: str | None,
-               samplers: list[Sampler], stats: Stats | None = None) -> BaseNode:
+               samplers: list[Sampler]) -> BaseNode:
         if self.mixed:
-            children = [f._build(num_workers, method, on_error, rank, world_size, mp_context, samplers,
-                                 stats)
+            children = [f._build(num_workers, method, on_error, rank, world_size, mp_context, samplers)
                         for f, _ in self.mixed]
             return Mix(children, [w for _, w in self.mixed], self.mix_seed, self.mix_stop)
         plan = self.plan(world_size) if self.plan else None
@@ -287,17 +291,14 @@ class Flow:
         samplers.append(sampler)
         batched = self.plan is not None
         apply = Apply(self.stages, self.order.seed or 0, self.collate, batched, on_error)
-        if stats is None:
-            mapped: BaseNode = Workers(sampler, apply, num_workers, method, mp_context, batched)
-            return Gather(mapped, on_error)
-        # the same graph with transparent probes: same outputs, same state
-        mapped = stats.collect(Workers(stats.source(sampler), stats.apply(apply, num_workers),
-                                       num_workers, method, mp_context, batched))
-        return Gather(mapped, on_error)
+        return Gather(Workers(sampler, apply, num_workers, method, mp_context, batched), on_error)
 
 
-def distributed_position() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when initialized, else from torchrun's env."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+@dataclass(frozen=True)
+class _Made:
+    """A plan factory that pickles: the plan already made for the world size."""
+
+    plan: Plan
+
+    def __call__(self, world_size: int) -> Plan:
+        return self.plan

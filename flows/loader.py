@@ -9,11 +9,12 @@ from torchdata.nodes import BaseNode
 from torchdata.nodes import Loader as _NodesLoader
 
 from flows.errors import FlowsError
-from flows.nodes import Workers, epoch_owner
-from flows.sampling import Sampler
+from flows.nodes.graph import close_graph, epoch_owner, find
+from flows.nodes.sampler import Sampler
+from flows.nodes.workers import Workers
 
 if TYPE_CHECKING:
-    from flows.sources import Source
+    from flows.sources.base import Source
     from flows.stats import Report, Stats
 
 T = TypeVar("T")
@@ -37,7 +38,7 @@ class Loader:
         self._batches = 0
         self._ended = False  # the last epoch iterated has ended: len() is the next one's
         if stats is not None:
-            stats.attach(root)
+            stats.instrument(root)
 
     def __iter__(self) -> Iterator[Any]:
         # the epoch starts at the first next(): an iter() never advanced takes no epoch
@@ -119,7 +120,7 @@ class Loader:
     def batch_size(self) -> int | None:
         """Samples per batch on this rank; None when batches vary (``bucket``) or the flow is
         unbatched (it yields samples, like a DataLoader with ``batch_size=None``)."""
-        workers = _find(self.root, Workers)
+        workers = find(self.root, Workers)
         size = getattr(self.samplers[0].plan, "size", None)
         if workers is None or not workers.batched or size is None:
             return None
@@ -128,7 +129,7 @@ class Loader:
     @property
     def num_workers(self) -> int:
         """Workers running the per-sample stages (threads or processes)."""
-        workers = _find(self.root, Workers)
+        workers = find(self.root, Workers)
         return workers.num_workers if workers is not None else 0
 
     @property
@@ -169,18 +170,6 @@ def _foreign(state: dict[str, Any]) -> str:
             "over flow.dataset() loads its own states (with the num_workers it saved with)")
 
 
-def _find(node: Any, kind: type[T]) -> T | None:
-    """The first node of type ``kind`` at or below ``node``."""
-    if isinstance(node, kind):
-        return node
-    for name in ("source", "sources"):
-        child = getattr(node, name, None)
-        for c in child if isinstance(child, list) else [child]:
-            if isinstance(c, BaseNode) and (found := _find(c, kind)) is not None:
-                return found
-    return None
-
-
 def _count(state: Any, field: str) -> int:
     """Sum ``field`` over every Gather state nested in a loader state."""
     if isinstance(state, dict):
@@ -189,24 +178,3 @@ def _count(state: Any, field: str) -> int:
     if isinstance(state, list):
         return sum(_count(v, field) for v in state)
     return 0
-
-
-def close_graph(node: Any) -> None:
-    """Stop the graph below ``node``: cancel the work read ahead, then call ``_shutdown()`` on
-    every node and torchdata iterator."""
-    _visit(node, set(), "_cancel")
-    _visit(node, set(), "_shutdown")
-
-
-def _visit(node: Any, seen: set[int], method: str) -> None:
-    """Call ``method()`` on every node and torchdata iterator in the graph below ``node``."""
-    if node is None or id(node) in seen:
-        return
-    seen.add(id(node))
-    stop = getattr(node, method, None)
-    if callable(stop):
-        stop()
-    for name in ("_it", "root", "source", "sources"):
-        child = getattr(node, name, None)
-        for c in child if isinstance(child, list) else [child]:
-            _visit(c, seen, method)

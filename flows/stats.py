@@ -1,11 +1,12 @@
 """Pipeline observability: per-node time and throughput, queue depths, the bottleneck, and an
 optional Chrome trace.
 
-``flow.loader(stats=True)`` builds the same graph with transparent probes (same outputs, same
-state): the source (the Sampler reading records), every per-sample stage and the collation
-(timed inside the workers, threads or processes: the timings travel back with each task, a
-batch), the queues of the workers and of the prefetcher, and the time the training loop waits
-for each batch.
+``flow.loader(stats=True)`` builds the plain graph, then :meth:`Stats.instrument` wraps it from
+the outside: the nodes stay the same (same outputs, same state), their ``next`` is timed where
+they are found. It times the source (each Sampler reading records), every per-sample stage and
+the collation (the Workers' function is wrapped: timed inside the workers, threads or processes,
+the timings travel back with each task, a batch), the queues of the workers and of the
+prefetcher, and the time the training loop waits for each batch.
 ``loader.stats()`` returns a :class:`Report`; ``print(report.table())`` shows it and names the
 bottleneck; ``report.save_trace("trace.json")`` writes a Chrome trace (``chrome://tracing`` or
 https://ui.perfetto.dev) when the loader was built with ``stats=Stats(trace=True)``.
@@ -27,11 +28,12 @@ from typing import Any
 from torchdata.nodes import BaseNode
 
 from flows.errors import FlowsError
-from flows.loader import Loader
-from flows.nodes import Apply, Cancelled, Done, Workers, never_cancelled
-from flows.prefetch import Prefetch
-from flows.sampling import Envelope
-from flows.stages import Filter, stage_name
+from flows.execution.apply import Apply, Cancelled, Done, never_cancelled
+from flows.nodes.graph import walk
+from flows.nodes.prefetch import Prefetch
+from flows.nodes.sampler import Envelope, Sampler
+from flows.nodes.workers import Workers
+from flows.stages.base import Filter, stage_name
 
 _local = threading.local()  # the current task's timing records, per worker thread
 
@@ -48,7 +50,7 @@ def _now() -> int:
 
 class TimedStage:
     """Wraps a stage: same name and randomness, records its duration for the current sample.
-    A :class:`~flows.cache.Cached` stage is reported as ``cache (hit)`` or ``cache (miss)``,
+    A :class:`~flows.stages.cache.Cached` stage is reported as ``cache (hit)`` or ``cache (miss)``,
     with its inner stages reported separately on a miss."""
 
     def __init__(self, stage: Callable, cached: bool = False, name: str | None = None):
@@ -84,7 +86,7 @@ class _TimedPredicate:
 def timed(stage: Callable) -> Callable:
     """``stage`` wrapped so its time is recorded (filters stay filters, caches time their inner
     stages too)."""
-    from flows.cache import Cached
+    from flows.stages.cache import Cached
 
     if isinstance(stage, Filter):
         return Filter(_TimedPredicate(stage.predicate, stage.name), stage.name)
@@ -94,7 +96,7 @@ def timed(stage: Callable) -> Callable:
 
 
 class TimedApply:
-    """The workers' function with stats on: runs :class:`~flows.nodes.Apply` over timed stages
+    """The workers' function with stats on: runs :class:`~flows.execution.apply.Apply` over timed stages
     and a timed collate, and attaches the task's records (plus process and thread ids) to its
     first output."""
 
@@ -115,51 +117,21 @@ class TimedApply:
         return outs
 
 
-# ---- probes in the main process -------------------------------------------------------------
+def _time_next(node: BaseNode, record: Callable[..., None],
+               before: Callable[[Any], None] | None = None) -> None:
+    """Make ``node``'s ``next`` (what torchdata's ``__next__`` calls) report each call:
+    ``record(node, item, start, duration)``; ``before(node)`` runs first when given."""
+    inner = node.next
 
-
-class _Probe(BaseNode):
-    """Transparent wrapper: the wrapped node's state is its state; subclasses time ``next``."""
-
-    def __init__(self, source: BaseNode, stats: Stats):
-        super().__init__()
-        self.source, self.stats = source, stats
-
-    def reset(self, initial_state: dict | None = None) -> None:
-        super().reset(initial_state)
-        self.source.reset(initial_state)
-
-    def get_state(self) -> dict:
-        return self.source.state_dict()
-
-
-class _TimedSource(_Probe):
-    """Wraps the Sampler: times record reads."""
-
-    def next(self) -> Any:
+    def timed_next() -> Any:
+        if before is not None:
+            before(node)
         start = _now()
-        item = next(self.source)
-        self.stats._node("source", start, _now() - start)
+        item = inner()
+        record(node, item, start, _now() - start)
         return item
 
-
-class _Collect(_Probe):
-    """Wraps :class:`~flows.nodes.Workers`: gathers the tasks' stage timings, the time spent
-    waiting for them and the workers' queue depths."""
-
-    source: Workers
-
-    def next(self) -> Any:
-        self.stats._sample_workers(self.source)
-        start = _now()
-        done = next(self.source)
-        self.stats._done(done, start, _now() - start)
-        return done
-
-
-def _workers_queues(workers: Workers) -> tuple[int, int, int] | None:
-    """(ready, in flight, capacity) of the workers' read-ahead, None when inline."""
-    return workers.queues() if workers.num_workers else None
+    node.next = timed_next  # type: ignore[method-assign]
 
 
 # ---- the collector --------------------------------------------------------------------------
@@ -203,23 +175,21 @@ class Stats:
             self.wall_ns = self.wait_ns = self.gather_wait_ns = 0
             self.first_batch_ns: list[int] = []
 
-    # -- building: probes for the graph (flows.flow calls these when stats are on) --
-    def source(self, sampler: BaseNode) -> BaseNode:
-        return _TimedSource(sampler, self)
-
-    def apply(self, apply: Apply, num_workers: int) -> TimedApply:
-        self.workers = max(1, num_workers)
-        return TimedApply(apply)
-
-    def collect(self, workers: Workers) -> BaseNode:
-        return _Collect(workers, self)
-
-    def attach(self, root: BaseNode) -> None:
-        """Find the prefetcher under the loader's root (its queue depth is sampled per batch)."""
-        node: Any = root
-        while node is not None and not isinstance(node, Prefetch):
-            node = getattr(node, "source", None)
-        self._prefetcher = node
+    # -- wrapping a built graph (the Loader calls this when stats are on) --
+    def instrument(self, root: BaseNode) -> None:
+        """Time the graph below ``root``, built and not started: each Sampler's reads, each
+        Workers' tasks (its function, run in the workers, is wrapped) and the wait for them, and
+        the prefetcher's queue. No node is added or replaced: states stay those of the plain graph."""
+        for node in walk(root):
+            if isinstance(node, Sampler):
+                _time_next(node, self._source)
+            elif isinstance(node, Workers):
+                self.workers = max(self.workers, node.num_workers)
+                if isinstance(node.fn, Apply):
+                    node.fn = TimedApply(node.fn)
+                _time_next(node, self._done, before=self._sample_workers)
+            elif isinstance(node, Prefetch):
+                self._prefetcher = node
 
     # -- recording --
     def _event(self, name: str, start: int, duration: int, pid: int | None = None,
@@ -228,6 +198,9 @@ class Stats:
             self.events.append({"name": name, "ph": "X", "pid": pid or os.getpid(),
                                 "tid": tid or threading.get_ident(),
                                 "ts": (start - self.origin) / 1e3, "dur": duration / 1e3})
+
+    def _source(self, node: Sampler, item: Any, start: int, duration: int) -> None:
+        self._node("source", start, duration)
 
     def _node(self, name: str, start: int, duration: int, items: int = 1) -> None:
         with self._lock:
@@ -238,7 +211,7 @@ class Stats:
             if self.trace:
                 self._event(name, start, duration)
 
-    def _done(self, done: Done, start: int, waited: int) -> None:
+    def _done(self, node: Workers, done: Done, start: int, waited: int) -> None:
         pid, tid, records = done.timings or (0, 0, ())
         with self._lock:
             self.samples += done.samples
@@ -258,9 +231,8 @@ class Stats:
             self.queues.setdefault(name, _Queue()).add(depth, capacity)
 
     def _sample_workers(self, workers: Workers) -> None:
-        depths = _workers_queues(workers)
-        if depths is not None:
-            ready, in_flight, capacity = depths
+        if workers.num_workers:
+            ready, in_flight, capacity = workers.queues()
             self._queue("workers: ready", ready, capacity)
             self._queue("workers: in flight", in_flight, capacity)
 
@@ -451,7 +423,7 @@ def _bottleneck(report: Report) -> tuple[str, str]:
 def bench(target: Any, batches: int | None = None, epochs: int = 1, **loader_kwargs: Any) -> Report:
     """Iterate ``target`` (a Flow, built with ``stats=True`` and ``loader_kwargs``, or a Loader
     built with stats) for ``epochs`` epochs or ``batches`` batches, and return its Report."""
-    loader = target if isinstance(target, Loader) else target.loader(stats=True, **loader_kwargs)
+    loader = target.loader(stats=True, **loader_kwargs) if hasattr(target, "loader") else target
     done = 0
     for _ in range(epochs):
         for _batch in loader:

@@ -20,16 +20,16 @@ import soundfile
 import torch
 from torch import nn
 
-from flows import io
-from flows.audio import fit
 from flows.errors import FlowsError
 from flows.flow import Flow
-from flows.models import M5, Outputs, SmallCNN
-from flows.recipe import Recipe, RecipeConfig
-from flows.sampling import rng, splits
-from flows.sources import Source
-from flows.stages import Stage
-from flows.tasks import Classification, Task
+from flows.sampling.order import rng, splits
+from flows.sources.base import Source
+from flows.stages.audio import fit
+from flows.stages.base import Stage
+from flows.storage import io
+from flows.training.models import M5, Outputs, SmallCNN
+from flows.training.recipe import Recipe, RecipeConfig
+from flows.training.tasks import Classification, Task
 
 # ---- config ------------------------------------------------------------------------------------
 
@@ -364,7 +364,7 @@ class BaseRecipe(Recipe):
         self.custom_model = model
 
     def outputs(self) -> Outputs:
-        """The default model's heads (see :mod:`flows.models`)."""
+        """The default model's heads (see :mod:`flows.training.models`)."""
         raise NotImplementedError
 
     def model_options(self) -> dict[str, Any]:

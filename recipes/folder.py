@@ -30,8 +30,9 @@ from typing import Any
 
 from flows.errors import FlowsError
 from flows.flow import Flow
-from flows.recipe import register
-from flows.sources import Files, Items
+from flows.sources.files import Files
+from flows.sources.items import Items
+from flows.training.recipe import register
 from recipes import synthetic
 from recipes.common import (
     AudioConfig,

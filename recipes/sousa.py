@@ -34,14 +34,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from flows import io
 from flows.errors import FlowsError
 from flows.flow import Flow
-from flows.models import Outputs
-from flows.recipe import register
-from flows.sources import Items, Table
-from flows.stages import Stage
-from flows.tasks import Classification, MultiTask, Regression, Task
+from flows.sources.items import Items
+from flows.sources.table import Table
+from flows.stages.base import Stage
+from flows.storage import io
+from flows.training.models import Outputs
+from flows.training.recipe import register
+from flows.training.tasks import Classification, MultiTask, Regression, Task
 from recipes import synthetic
 from recipes.common import (
     AudioConfig,

@@ -36,8 +36,8 @@ import pandas as pd
 
 from flows.errors import FlowsError
 from flows.flow import Flow
-from flows.recipe import register
-from flows.sources import Table
+from flows.sources.table import Table
+from flows.training.recipe import register
 from recipes import synthetic
 from recipes.common import (
     AudioConfig,

@@ -24,11 +24,11 @@ from typing import Any
 
 import pandas as pd
 
-from flows import io
 from flows.errors import FlowsError
 from flows.flow import Flow
-from flows.recipe import RecipeConfig, register
-from flows.sources import Items
+from flows.sources.items import Items
+from flows.storage import io
+from flows.training.recipe import RecipeConfig, register
 from recipes import synthetic
 from recipes.common import (
     MODEL_HELP,

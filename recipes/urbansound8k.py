@@ -25,12 +25,12 @@ from typing import Any
 import pandas as pd
 import torch
 
-from flows import io
 from flows.flow import Flow
-from flows.models import Outputs
-from flows.recipe import register
-from flows.stages import Stage
-from flows.tasks import Classification, Task
+from flows.stages.base import Stage
+from flows.storage import io
+from flows.training.models import Outputs
+from flows.training.recipe import register
+from flows.training.tasks import Classification, Task
 from recipes import synthetic
 from recipes.common import (
     AudioConfig,

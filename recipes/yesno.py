@@ -26,13 +26,13 @@ import numpy as np
 import soxr
 import torch
 
-from flows.download import download_and_extract
 from flows.errors import FlowsError
 from flows.flow import Flow
-from flows.models import Outputs
-from flows.recipe import register
-from flows.stages import Stage
-from flows.tasks import SequenceLabels, Task
+from flows.stages.base import Stage
+from flows.training.download import download_and_extract
+from flows.training.models import Outputs
+from flows.training.recipe import register
+from flows.training.tasks import SequenceLabels, Task
 from recipes import synthetic
 from recipes.common import (
     AudioConfig,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from flows.objstore import CLIENT_ENV_VAR
+from flows.storage.objstore import CLIENT_ENV_VAR
 from tests.s3server import (
     AWS_ENV_TO_UNSET,
     DUMMY_AWS_ENV,
@@ -81,7 +81,7 @@ def rclone_bucket(rclone_server: RcloneServer) -> str:
 
 @pytest.fixture(params=["obstore", "s3fs"])
 def s3_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The S3 client flows.io uses in this test (``FLOWS_S3_CLIENT``; worker processes inherit it)."""
+    """The S3 client flows.storage.io uses in this test (``FLOWS_S3_CLIENT``; worker processes inherit it)."""
     if request.param == "obstore":
         pytest.importorskip("obstore", reason="obstore is in the dev extra")
     monkeypatch.setenv(CLIENT_ENV_VAR, request.param)

@@ -6,7 +6,7 @@
   process group, checks that rank 0 alone lists files, runs fixed, stratified, bucketed and
   mixed loaders in lockstep (an all-reduce per batch, as DDP does) and writes every rank's
   batches and loader states to ``OUT/loaders.json``; then trains :class:`Recorded` from Python
-  with :func:`flows.train.train` and writes each rank's result to ``OUT/result{rank}.json``.
+  with :func:`flows.training.train.train` and writes each rank's result to ``OUT/result{rank}.json``.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flows import Flow, distributed_position, io
-from flows.distributed import setup, teardown
-from flows.recipe import Recipe, RecipeConfig
-from flows.tasks import Classification, Task
-from flows.train import TrainConfig, train
+from flows import Flow, distributed_position
+from flows.storage import io
+from flows.training.distributed import setup, teardown
+from flows.training.recipe import Recipe, RecipeConfig
+from flows.training.tasks import Classification, Task
+from flows.training.train import TrainConfig, train
 
 TRAIN_FILES, EVAL_FILES = 42, 10  # 42 = 10 global batches of 4 and one of 2
 RECORD_ENV = "FLOWS_RECORD"

@@ -11,7 +11,7 @@ import soundfile
 import torch
 
 from flows import Flow, StageError
-from flows.audio import DecodeAudio, Downmix, Normalize, PadTrim, RandomCrop, Resample
+from flows.stages.audio import DecodeAudio, Downmix, Normalize, PadTrim, RandomCrop, Resample
 from flows.testing import assert_same, run_epochs
 
 
@@ -159,7 +159,7 @@ def test_windowed_reads_are_bit_identical_to_the_full_path(clips, op, length, mo
     assert_same(run_epochs(windowed.loader(), 2), reference)
     if length == 8000:  # half a second of 2-10 s clips: much less is decoded (Ogg: all of it)
         ogg = 2 * soundfile.info(clips / "clip5.ogg").frames
-        # pad: the start; crop: from the start to the window's end (see flows.audio), ~half
+        # pad: the start; crop: from the start to the window's end (see flows.stages.audio), ~half
         assert counter.frames - ogg < (full_frames - ogg) * (0.25 if op == "pad" else 0.75)
     else:  # longer than every clip: everything is read, nothing more
         assert counter.frames == full_frames

@@ -13,7 +13,7 @@ import soundfile
 import torch
 
 from flows import Cached, Flow, FlowsError, StageError
-from flows.cache import describe, load
+from flows.stages.cache import describe, load
 from flows.testing import assert_same, check_resume, run_epochs
 
 

@@ -1,4 +1,4 @@
-"""Tests for flows.checkpoint: atomic, verified checkpoints on local disk and memory://."""
+"""Tests for flows.training.checkpoint: atomic, verified checkpoints on local disk and memory://."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from flows.checkpoint import CheckpointManager, CheckpointWarning, capture_rng, restore_rng
 from flows.errors import FlowsError
+from flows.training.checkpoint import CheckpointManager, CheckpointWarning, capture_rng, restore_rng
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -372,7 +372,7 @@ def test_capture_rng_loads_with_weights_only(tmp_path):
 
 _WRITER = """
 import sys, torch
-from flows.checkpoint import CheckpointManager
+from flows.training.checkpoint import CheckpointManager
 manager, state = CheckpointManager(sys.argv[1], keep=1), {"w": torch.zeros(16 * 2**20)}
 for step in range(200):
     manager.save(state, step)

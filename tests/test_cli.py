@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.checkpoint import CheckpointManager
-from flows.cli import main
-from flows.metrics_log import read_log
+from flows.training.checkpoint import CheckpointManager
+from flows.training.cli import main
+from flows.training.metrics_log import read_log
 from recipes.synthetic import make_yesno
 from tests.test_train import ROOT, Tiny
 

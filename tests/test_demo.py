@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from flows.checkpoint import CheckpointManager
-from flows.cli import main
+from flows.training.checkpoint import CheckpointManager
+from flows.training.cli import main
 
 
 def test_demo_kills_resumes_and_matches_bit_for_bit(capsys, tmp_path):

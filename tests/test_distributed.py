@@ -29,10 +29,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from flows import Flow
-from flows.checkpoint import CheckpointManager
 from flows.errors import FlowsError
-from flows.metrics_log import read_log
-from flows.train import TrainConfig, train
+from flows.training.checkpoint import CheckpointManager
+from flows.training.metrics_log import read_log
+from flows.training.train import TrainConfig, train
 from tests.dist_worker import (
     RECORD_ENV,
     TRAIN_FILES,

@@ -1,4 +1,4 @@
-"""Tests for flows.download: a real HTTP server on 127.0.0.1 serves archives built here."""
+"""Tests for flows.training.download: a real HTTP server on 127.0.0.1 serves archives built here."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.download import download_and_extract
 from flows.errors import FlowsError
+from flows.training.download import download_and_extract
 
 
 @dataclass

@@ -1,9 +1,9 @@
-"""Tests for flows.io: listing, retrying reads, range reads, caching, fork safety, redaction.
+"""Tests for flows.storage.io: listing, retrying reads, range reads, caching, fork safety, redaction.
 
 S3 tests run against real servers in subprocesses (see tests/s3server.py): moto everywhere, and
 ``rclone serve s3`` too for the read, list and fault tests (``s3_target``), optionally through a
 FaultProxy that injects 5xx answers, SlowDown, connection resets and truncated bodies. Every S3
-test runs with both clients of flows.io: obstore (the default) and s3fs (``s3_client``).
+test runs with both clients of flows.storage.io: obstore (the default) and s3fs (``s3_client``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows import io as fio
 from flows.errors import EmptySourceError, FlowsError, RemoteError
+from flows.storage import io as fio
 from tests.s3server import FAULT_KINDS, upload_dir
 
 # --------------------------------------------------------------------------- helpers
@@ -233,12 +233,12 @@ def test_reads_survive_injected_faults(s3_target, caplog):
     rng = random.Random(7)
     originals = {f"{s3_prefix}/obj-{i:02d}.bin": rng.randbytes(rng.randint(1_000, 40_000)) for i in range(40)}
     # Uploaded without a stored checksum, so that botocore cannot validate the answers and a
-    # "short" body (consistent but cut Content-Length) is caught by flows.io's size check alone.
+    # "short" body (consistent but cut Content-Length) is caught by flows.storage.io's size check alone.
     no_checksum = {**s3_options, "config_kwargs": {"request_checksum_calculation": "when_required"}}
     for url, data in originals.items():
         _put(url, data, no_checksum)
     proxy = s3_target.proxy(rate=0.3, kinds=FAULT_KINDS, seed=1)
-    options = proxy.storage_options()  # botocore's own retries off: flows.io must cope
+    options = proxy.storage_options()  # botocore's own retries off: flows.storage.io must cope
     listed = fio.list_files(s3_prefix, "bin", storage_options=options)
     assert listed == sorted(originals)
     for url, data in originals.items():
@@ -255,7 +255,7 @@ def test_reads_survive_injected_faults(s3_target, caplog):
 @pytest.mark.parametrize("kind", ["short", "truncate"])
 def test_truncated_body_is_retried_never_returned(kind, s3_target, s3_client, caplog):
     """A body cut short (with a consistent or an inconsistent Content-Length) is re-read. s3fs
-    re-reads a body cut off mid-stream by itself; everything else is retried by flows.io."""
+    re-reads a body cut off mid-stream by itself; everything else is retried by flows.storage.io."""
     by_flows = kind == "short" or s3_client == "obstore"
     caplog.set_level(logging.INFO, logger="flows")
     url, data = f"{s3_target.prefix}/obj.bin", bytes(range(256)) * 10
@@ -570,7 +570,7 @@ def test_cached_url_identity_cases(tmp_path):
 
 
 def _read_in_child(url: str, options: dict[str, Any], queue: Any) -> None:
-    from flows import objstore
+    from flows.storage import objstore
 
     try:
         assert objstore.forked_after_use() or os.environ["FLOWS_S3_CLIENT"] == "s3fs"

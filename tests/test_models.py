@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from flows.errors import FlowsError
-from flows.models import M5, SmallCNN
+from flows.training.models import M5, SmallCNN
 from recipes.common import build_model
 
 

@@ -12,9 +12,9 @@ import fsspec
 import pytest
 import torch
 
-from flows.cli import main
 from flows.errors import FlowsError
-from flows.train import TrainConfig, train
+from flows.training.cli import main
+from flows.training.train import TrainConfig, train
 from recipes.folder import Folder
 
 CLASSES = ["air_conditioner", "car_horn", "children_playing", "dog_bark"]

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from flows.inspection import describe
-from flows.metrics_log import read_log
+from flows.training.inspection import describe
+from flows.training.metrics_log import read_log
 from recipes.folder import Folder
 from recipes.table import TableRecipe
 from recipes.urbansound8k import UrbanSound8K

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from flows.cli import main
-from flows.tasks import Classification, MultiTask, Regression
-from flows.train import TrainConfig, train
+from flows.training.cli import main
+from flows.training.tasks import Classification, MultiTask, Regression
+from flows.training.train import TrainConfig, train
 from recipes.sousa import SKILL_TIERS, Sousa
 
 

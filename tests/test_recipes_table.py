@@ -10,8 +10,8 @@ import fsspec
 import pandas as pd
 import pytest
 
-from flows.cli import main
-from flows.train import TrainConfig, train
+from flows.training.cli import main
+from flows.training.train import TrainConfig, train
 from recipes.synthetic import URBANSOUND8K_CLASSES
 from recipes.table import TableRecipe
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.cli import main
-from flows.train import TrainConfig, train
+from flows.training.cli import main
+from flows.training.train import TrainConfig, train
 from recipes.tensor_folder import TensorFolder
 
 

@@ -14,9 +14,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from flows.cli import main
-from flows.models import M5
-from flows.train import TrainConfig, train
+from flows.training.cli import main
+from flows.training.models import M5
+from flows.training.train import TrainConfig, train
 from recipes.synthetic import URBANSOUND8K_CLASSES
 from recipes.urbansound8k import UrbanSound8K, cross_validation
 

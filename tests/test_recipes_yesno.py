@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.cli import main
 from flows.errors import FlowsError
-from flows.tasks import SequenceLabels
 from flows.testing import assert_same
-from flows.train import TrainConfig, train
+from flows.training.cli import main
+from flows.training.tasks import SequenceLabels
+from flows.training.train import TrainConfig, train
 from recipes.yesno import YesNo
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared/data/yesno/waves_yesno"

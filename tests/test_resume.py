@@ -8,11 +8,17 @@ import pytest
 import torch
 
 from flows import Flow
-from flows.batching import Collate
-from flows.nodes import Apply, Gather, Mix, ToDevice, Workers
-from flows.prefetch import Prefetch
-from flows.sampling import FixedBatches, Order, Sampler
-from flows.sources import Items
+from flows.execution.apply import Apply
+from flows.nodes.gather import Gather
+from flows.nodes.mix import Mix
+from flows.nodes.prefetch import Prefetch
+from flows.nodes.sampler import Sampler
+from flows.nodes.to_device import ToDevice
+from flows.nodes.workers import Workers
+from flows.sampling.order import Order
+from flows.sampling.plans import FixedBatches
+from flows.sources.items import Items
+from flows.stages.collate import Collate
 from flows.testing import assert_same, check_resume, run_epochs
 
 

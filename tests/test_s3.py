@@ -1,6 +1,6 @@
 """Flows end to end from S3: a real moto server in a subprocess (tests/s3server.py), optionally
 behind a FaultProxy that answers 500/503/SlowDown, resets connections and truncates bodies; the
-fault test runs against ``rclone serve s3`` too. Every test runs with both S3 clients of flows.io
+fault test runs against ``rclone serve s3`` too. Every test runs with both S3 clients of flows.storage.io
 (obstore, the default, and s3fs).
 
 Every recipe run from ``s3://`` gives the same batches as from local disk; checkpoints written to
@@ -31,13 +31,13 @@ import soundfile as sf
 import torch
 
 from flows import Flow
-from flows import io as fio
-from flows.checkpoint import CheckpointManager
 from flows.errors import FlowsError, StageError
-from flows.recipe import REGISTRY, Recipe, make_config
-from flows.sources import Items
+from flows.sources.items import Items
+from flows.storage import io as fio
 from flows.testing import assert_same
-from flows.train import TrainConfig, train
+from flows.training.checkpoint import CheckpointManager
+from flows.training.recipe import REGISTRY, Recipe, make_config
+from flows.training.train import TrainConfig, train
 from recipes.folder import Folder
 from recipes.sousa import Sousa
 from recipes.table import TableRecipe

@@ -13,20 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows import Flow, io
+from flows import Flow
 from flows.errors import EmptySourceError
-from flows.sampling import (
-    Bijections,
-    DurationBuckets,
-    EpochOrder,
-    FixedBatches,
-    Order,
-    Sampler,
-    StratifiedBatches,
-    permute,
-    rng,
-)
-from flows.sources import Items, Source
+from flows.nodes.sampler import Sampler
+from flows.sampling.order import Bijections, EpochOrder, Order, permute, rng
+from flows.sampling.plans import DurationBuckets, FixedBatches, StratifiedBatches
+from flows.sources.base import Source
+from flows.sources.items import Items
+from flows.storage import io
 from flows.testing import check_resume, run_epochs
 
 

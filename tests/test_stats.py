@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flows import Flow, FlowsError, Gather, Stats, Workers
-from flows.nodes import Apply
+from flows.execution.apply import Apply
 from flows.stats import bench, bench_table
 from flows.testing import assert_same, check_resume, run_epochs
 

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from flows import Flow
-from flows.checkpoint import CheckpointManager, CheckpointWarning
 from flows.errors import FlowsError
-from flows.metrics_log import read_log
-from flows.recipe import Recipe, RecipeConfig, make_config
-from flows.tasks import Classification, MultiTask, Regression, SequenceLabels, Task
-from flows.train import TrainConfig, train
+from flows.training.checkpoint import CheckpointManager, CheckpointWarning
+from flows.training.metrics_log import read_log
+from flows.training.recipe import Recipe, RecipeConfig, make_config
+from flows.training.tasks import Classification, MultiTask, Regression, SequenceLabels, Task
+from flows.training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, PER_EPOCH = 3, 10  # 40 training files in batches of 4

@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 import torch
 
-from flows.checkpoint import CheckpointManager, CheckpointWarning
-from flows.cli import main
 from flows.errors import FlowsError
-from flows.metrics_log import read_log
-from flows.recipe import make_config
-from flows.train import train
+from flows.training.checkpoint import CheckpointManager, CheckpointWarning
+from flows.training.cli import main
+from flows.training.metrics_log import read_log
+from flows.training.recipe import make_config
+from flows.training.train import train
 from recipes.table import TableRecipe
 from tests.s3server import free_port, s3_storage_options
 from tests.test_train import (

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows import Flow, FlowsError, StageError, nodes
-from flows.nodes import training_threads
+from flows import Flow, FlowsError, StageError
+from flows.execution import shared_memory
+from flows.execution.threads import training_threads
 from flows.testing import assert_same, check_resume, run_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def tensors(item: dict) -> dict:
 def test_process_workers_return_tensors_exactly(monkeypatch):
     """Process workers hand tensors back through shared memory, or the pipe when too large or
     of a dtype numpy lacks: bit for bit what threads give, with dtypes and shapes."""
-    monkeypatch.setattr(nodes, "SLOT_BYTES", 1 << 20)  # forked workers see it: 12 MB arrays use the pipe
+    monkeypatch.setattr(shared_memory, "SLOT_BYTES", 1 << 20)  # forked workers see it: 12 MB -> the pipe
     flow = Flow.items(records(16)).shuffle(seed=3).map(tensors)
     threads, processes = (run_epochs(flow.loader(num_workers=2, method=m), 2)
                           for m in ("thread", "process"))
@@ -179,7 +180,7 @@ def test_a_worker_maps_a_whole_batch(method):
     on_rank_1 = flow.batch(4).loader(num_workers=2, method=method, rank=1, world_size=2)
     assert all(len(set(b["pid"].tolist())) == 1 for b in on_rank_1)
     items = run_epochs(flow.loader(num_workers=2, method=method), 1)
-    chunks = [items[i:i + 4] for i in range(0, 40, 4)]  # flows.nodes.CHUNK samples per task
+    chunks = [items[i:i + 4] for i in range(0, 40, 4)]  # flows.nodes.workers.CHUNK samples per task
     assert all(len({(s["pid"], s["thread"]) for s in chunk}) == 1 for chunk in chunks)
 
 

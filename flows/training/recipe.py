@@ -1,12 +1,18 @@
-"""Recipes: a config dataclass, train/eval flows, a model and a task, registered by name so
-``flows train NAME`` runs them. Recipe modules live in the top-level ``recipes/`` package."""
+"""Recipes: a config dataclass, train/eval flows, a model and a task, known by name so
+``flows train NAME`` runs them.
+
+The registry never imports a recipes package: a distribution declares its recipes as entry
+points of the ``flows.recipes`` group (this project's ``recipes/`` package does so in
+``pyproject.toml``), loaded when one is asked for by name; a recipe class decorated with
+:func:`register` in a module already imported is known too, and ``"package.module:Class"``
+names any recipe class."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import pkgutil
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -14,7 +20,7 @@ import torch
 
 from flows.errors import FlowsError
 from flows.flow import Flow
-from flows.tasks import Task
+from flows.training.tasks import Task
 
 
 @dataclass
@@ -69,7 +75,8 @@ class Recipe:
         raise NotImplementedError
 
 
-REGISTRY: dict[str, type[Recipe]] = {}
+REGISTRY: dict[str, type[Recipe]] = {}  # recipes registered by the modules imported so far
+ENTRY_POINTS = "flows.recipes"  # the entry-point group distributions declare their recipes in
 
 
 def register(cls: type[Recipe]) -> type[Recipe]:
@@ -78,30 +85,29 @@ def register(cls: type[Recipe]) -> type[Recipe]:
     return cls
 
 
-def import_recipes() -> None:
-    """Import every module of the ``recipes`` package so their recipes register (also when an
-    install sees ``recipes`` as a namespace package, whose ``__init__`` never runs)."""
-    package = importlib.import_module("recipes")
-    for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"recipes.{module.name}")
+def recipe_names() -> list[str]:
+    """Every recipe name known: registered so far, or declared by an installed distribution."""
+    return sorted(set(REGISTRY) | {point.name for point in entry_points(group=ENTRY_POINTS)})
 
 
 def get_recipe(name: str) -> type[Recipe]:
-    """The recipe registered under ``name`` (importing the ``recipes`` package first), or the
-    class at ``"package.module:Class"`` (a recipe kept outside ``recipes/``)."""
-    if ":" in name:
-        module, _, attribute = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attribute)
-        except (ImportError, AttributeError) as e:
-            raise FlowsError(f"cannot load recipe {name!r}: {e}") from e
-        if not (isinstance(cls, type) and issubclass(cls, Recipe)):
-            raise FlowsError(f"{name!r} is not a Recipe subclass")
-        return cls
-    import_recipes()
-    if name not in REGISTRY:
-        raise FlowsError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+    """The recipe registered or declared (entry point) under ``name``, or the class at
+    ``"package.module:Class"`` (a recipe of one's own, kept anywhere)."""
+    if ":" not in name and name not in REGISTRY:
+        declared = [point.value for point in entry_points(group=ENTRY_POINTS, name=name)]
+        if not declared:
+            raise FlowsError(f"unknown recipe {name!r}; known recipes: {', '.join(recipe_names())}")
+        name = declared[0]
+    if ":" not in name:
+        return REGISTRY[name]
+    module, _, attribute = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as e:
+        raise FlowsError(f"cannot load recipe {name!r}: {e}") from e
+    if not (isinstance(cls, type) and issubclass(cls, Recipe)):
+        raise FlowsError(f"{name!r} is not a Recipe subclass")
+    return cls
 
 
 def make_config(cls: type[Recipe], **values: Any) -> RecipeConfig:

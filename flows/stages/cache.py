@@ -42,13 +42,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from flows import io
 from flows.errors import FlowsError
-from flows.stages import Filter, ReadBytes, Stage, stage_name
+from flows.stages.base import Filter, Stage, stage_name
+from flows.stages.read import ReadBytes
+from flows.storage import io
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: entries name flows.stages.cache._Ref (flows.cache before the package layout)
 _MAGIC = b"FLOWSC1\n"
 _ALIGN = 64
 _PACKAGES = ("flows", "torch", "numpy", "soundfile", "soxr")
@@ -229,7 +230,7 @@ def _fill(value: Any, tensors: list[torch.Tensor]) -> Any:
 
 
 _ALLOWED = {
-    ("flows.cache", "_Ref"),
+    ("flows.stages.cache", "_Ref"),
     ("builtins", "complex"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "range"),
     ("builtins", "slice"), ("builtins", "bytearray"), ("collections", "OrderedDict"),
     ("datetime", "date"), ("datetime", "datetime"), ("datetime", "time"), ("datetime", "timedelta"),

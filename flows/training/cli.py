@@ -8,7 +8,7 @@
 
 ``train``, ``inspect`` and ``bench`` take a recipe: a registered name or ``package.module:Class``.
 Every field of the recipe's config dataclass is an option (``--data-dir``, ``--batch-size``, the
-recipe's own), and for ``train`` every field of :class:`~flows.train.TrainConfig` too. Mistakes
+recipe's own), and for ``train`` every field of :class:`~flows.training.train.TrainConfig` too. Mistakes
 (an unknown recipe, a missing data directory, a bad value) get one line, not a traceback.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -32,17 +31,18 @@ from typing import Any, Literal
 from fsspec.core import url_to_fs
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from flows import io, manifest
-from flows.demo import run_demo
-from flows.distributed import teardown
 from flows.errors import FlowsError
-from flows.inspection import bench, describe
-from flows.metrics_log import format_metrics
-from flows.recipe import REGISTRY, Recipe, RecipeConfig, get_recipe, make_config
-from flows.sources import AUDIO_EXTENSIONS
+from flows.sources import manifest
+from flows.sources.files import AUDIO_EXTENSIONS
 from flows.stats import Stats
 from flows.stats import bench as stats_bench
-from flows.train import TrainConfig, train
+from flows.storage import io
+from flows.training.demo import run_demo
+from flows.training.distributed import teardown
+from flows.training.inspection import bench, describe
+from flows.training.metrics_log import format_metrics
+from flows.training.recipe import Recipe, RecipeConfig, get_recipe, make_config, recipe_names
+from flows.training.train import TrainConfig, train
 
 _RECIPE_COMMANDS = ("train", "inspect", "bench")
 
@@ -151,9 +151,8 @@ def _parser(recipe: type[Recipe] | None) -> argparse.ArgumentParser:
 
 
 def _known() -> str:
-    """The registered recipes, for the help."""
-    importlib.import_module("recipes")
-    return ", ".join(sorted(REGISTRY)) or "none registered"
+    """The known recipes, for the help."""
+    return ", ".join(recipe_names()) or "none installed"
 
 
 # ---- options from config dataclasses ------------------------------------------------------------

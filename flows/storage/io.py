@@ -2,7 +2,7 @@
 
 URLs are anything fsspec understands (plain local paths, ``memory://``, ``s3://``, ``https://``,
 chained ``simplecache::s3://...``). ``s3://`` reads and listings go through obstore
-(:mod:`flows.objstore`) unless s3fs is asked for (``storage_options={"s3_client": "s3fs"}`` or
+(:mod:`flows.storage.objstore`) unless s3fs is asked for (``storage_options={"s3_client": "s3fs"}`` or
 ``FLOWS_S3_CLIENT=s3fs``); everything else through fsspec. Reads retry transient failures (5xx,
 throttling, resets, timeouts, truncated bodies) with exponential backoff and jitter, fail fast on
 missing or forbidden objects, and never put credentials into an error message or a log line.
@@ -27,8 +27,8 @@ import fsspec.config
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.cached import SimpleCacheFileSystem
 
-from flows import objstore
 from flows.errors import EmptySourceError, RemoteError
+from flows.storage import objstore
 
 __all__ = [
     "AccessDeniedError",

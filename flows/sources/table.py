@@ -1,21 +1,13 @@
-"""Sources: indexable collections of sample records (file listings, table rows, in-memory items).
-
-A source knows its length and returns record ``i`` on demand, so the order of an epoch is a
-pure function of (seed, epoch, position) and a restore jumps straight to its position.
-Large sources keep no Python object per record: columns stay in Arrow or numpy (file listings
-and Arrow tables memory-mapped from disk) and a record dict is built only when it is asked for.
-Parquet tables are read one row group at a time: memory is bounded by a few row groups.
+"""Table: the rows of a CSV, Parquet or Arrow IPC table. Parquet tables are read one row group at
+a time (memory is bounded by a few row groups), Arrow tables are memory-mapped.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import posixpath
-import re
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeAlias
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,194 +15,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flows import io
-from flows import manifest as manifest_module
 from flows.errors import ColumnError, EmptySourceError
-
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+from flows.sources import manifest as manifest_module
+from flows.sources.base import Source
+from flows.sources.items import Columns, class_codes
+from flows.storage import io
 
 ARROW_EXTENSIONS = (".arrow", ".feather", ".ipc")
 
+
 Where = Mapping[str, Any] | Callable[[pd.DataFrame], Any] | None
-ColumnData: TypeAlias = "Mapping[str, Any] | pa.Table | pd.DataFrame"
-
-
-class Source:
-    """An indexable collection of records. Subclasses implement ``__len__`` and ``__getitem__``."""
-
-    name = "source"
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> Any:
-        raise NotImplementedError
-
-    def key(self, index: int) -> str:
-        """A stable identifier of record ``index``: seeds its randomness and names it in errors."""
-        return str(index)
-
-    def column(self, name: str) -> np.ndarray:
-        """Values of one field for every record (labels, durations), read without the payload."""
-        return np.asarray([self[i][name] for i in range(len(self))])
-
-    def codes(self, name: str) -> np.ndarray:
-        """One field as small non-negative integer class codes (int32; equal values, equal
-        codes): what stratified plans use, 4 bytes per record."""
-        return pd.factorize(self.column(name), use_na_sentinel=False)[0].astype(np.int32)
-
-    def blocks(self) -> np.ndarray | None:
-        """Runs of positions that are cheap to read together (Parquet row groups), as their
-        starts followed by ``len(self)``; None if any order is."""
-        return None
-
-
-class Columns(Source):
-    """Records built on demand from columns: a mapping of equal-length sequences or arrays, a
-    ``pyarrow.Table`` (memory-mapped ones stay on disk) or a DataFrame. Only the columns are
-    kept (as Arrow arrays); each record is a dict of plain Python values, made when asked for.
-    A ``key`` column names the records (errors, per-sample randomness); else the row number."""
-
-    name = "items"
-
-    def __init__(self, data: ColumnData):
-        if isinstance(data, pd.DataFrame):
-            table = pa.Table.from_pandas(data, preserve_index=False)
-        elif isinstance(data, pa.Table):
-            table = data
-        else:
-            table = pa.table({k: np.asarray(v) if isinstance(v, range) else v for k, v in data.items()})
-        self.table = table
-        self._batches = table.to_batches()
-        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches]).astype(np.int64)
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    def _locate(self, index: int) -> tuple[pa.RecordBatch, int]:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        b = int(np.searchsorted(self._starts, index, side="right") - 1)
-        return self._batches[b], index - int(self._starts[b])
-
-    def __getitem__(self, index: int) -> dict:
-        batch, row = self._locate(index)
-        return {name: batch.column(i)[row].as_py() for i, name in enumerate(batch.schema.names)}
-
-    def value(self, index: int, name: str) -> Any:
-        """One field of record ``index``."""
-        batch, row = self._locate(index)
-        return batch.column(name)[row].as_py()
-
-    def key(self, index: int) -> str:
-        return str(self.value(index, "key")) if "key" in self.table.column_names else str(index)
-
-    def column(self, name: str) -> np.ndarray:
-        return self.table.column(name).to_numpy()
-
-    def codes(self, name: str) -> np.ndarray:
-        return _codes(self.table.column(name).chunks)
-
-
-def _codes(chunks: Iterable[pa.Array]) -> np.ndarray:
-    """Integer class codes of the values in ``chunks``, in order of first appearance, computed in
-    Arrow: one Python object per distinct value, none per row."""
-    known: dict[Any, int] = {}
-    parts = [np.zeros(0, np.int32)]
-    for chunk in chunks:
-        values = pc.unique(chunk)
-        local = pc.index_in(chunk, value_set=values).to_numpy(zero_copy_only=False)
-        mapping = np.array([known.setdefault(v, len(known)) for v in values.to_pylist()], np.int32)
-        parts.append(mapping[local])
-    return np.concatenate(parts)
-
-
-class Items(Source):
-    """An in-memory sequence. Dict items keep a ``key`` field as their identifier when present."""
-
-    name = "items"
-
-    def __init__(self, items: Sequence[Any]):
-        self.items = list(items)
-        if not self.items:
-            raise EmptySourceError("Flow.items got an empty sequence")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.items[index]
-
-    def key(self, index: int) -> str:
-        item = self.items[index]
-        if isinstance(item, Mapping) and "key" in item:
-            return str(item["key"])
-        return str(index)
-
-
-class Files(Source):
-    """Files under a directory, prefix or glob (local or any fsspec URL), sorted.
-
-    Listed once per job into a manifest (see :mod:`flows.manifest`), which every rank and worker
-    memory-maps: ``manifest`` names one to reuse (or to write, if it does not exist yet).
-    Records are ``{"path": url, "key": path relative to the root}``.
-    """
-
-    name = "files"
-
-    def __init__(
-        self,
-        url: str,
-        extensions: Sequence[str] | None = AUDIO_EXTENSIONS,
-        recursive: bool = True,
-        storage_options: dict | None = None,
-        manifest: str | os.PathLike[str] | None = None,
-    ):
-        self.url = url
-        self.storage_options = storage_options
-        self.manifest = manifest_module.shared(url, extensions, recursive, storage_options, manifest)
-        self._paths = Columns(manifest_module.open_manifest(self.manifest))
-        self._root = _glob_root(url)
-
-    def __getstate__(self) -> dict:  # the manifest is memory-mapped again where it is used
-        state = self.__dict__.copy()
-        state["_paths"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._paths = Columns(manifest_module.open_manifest(self.manifest))
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def __getitem__(self, index: int) -> dict:
-        path = self._paths.value(index, "path")
-        return {"path": path, "key": _relative(path, self._root)}
-
-    def key(self, index: int) -> str:
-        return _relative(self._paths.value(index, "path"), self._root)
-
-    def column(self, name: str) -> np.ndarray:
-        if name == "key":
-            return np.asarray([_relative(p, self._root) for p in self._paths.column("path")])
-        if name == "path":
-            return self._paths.column("path")
-        return super().column(name)
-
-
-def _glob_root(url: str) -> str:
-    """The directory part of a URL or glob, absolute for local paths."""
-    head = re.split(r"[*?\[]", url, maxsplit=1)[0]
-    if head != url:
-        head = head.rsplit("/", 1)[0]
-    return head if "://" in head else os.path.abspath(head)
-
-
-def _relative(path: str, root: str) -> str:
-    strip = lambda s: s.split("://", 1)[-1]  # noqa: E731
-    p, r = strip(path), strip(root).rstrip("/")
-    return posixpath.relpath(p, r) if p.startswith(r + "/") else posixpath.basename(p)
 
 
 class Table(Source):
@@ -361,7 +175,7 @@ class Table(Source):
                 self._codes[name] = self._kept(self._table.codes(name))
             else:
                 groups = range(len(self._starts) - 1)
-                self._codes[name] = self._kept(_codes(
+                self._codes[name] = self._kept(class_codes(
                     self._read([name], g).column(0).combine_chunks()
                     for g in groups))
         return self._codes[name]
@@ -413,38 +227,3 @@ def _mask(frame: pd.DataFrame, where: Where) -> np.ndarray:
         values = value if isinstance(value, (list, tuple, set)) else [value]
         mask &= frame[column].isin(list(values)).to_numpy()
     return mask
-
-
-class Subset(Source):
-    """A view of another source restricted to some indices (splits, folds, metadata filters)."""
-
-    def __init__(self, source: Source, indices: Sequence[int] | np.ndarray):
-        self.source = source
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.name = source.name
-        if len(self.indices) == 0:
-            raise EmptySourceError(f"no {source.name} records are left after filtering")
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.source[int(self.indices[index])]
-
-    def key(self, index: int) -> str:
-        return self.source.key(int(self.indices[index]))
-
-    def column(self, name: str) -> np.ndarray:
-        return self.source.column(name)[self.indices]
-
-    def codes(self, name: str) -> np.ndarray:
-        return self.source.codes(name)[self.indices]
-
-    def blocks(self) -> np.ndarray | None:
-        """Runs of consecutive positions whose records share a block of the inner source."""
-        inner = self.source.blocks()
-        if inner is None:
-            return None
-        block_of = np.searchsorted(inner, self.indices, side="right")
-        changes = np.flatnonzero(np.diff(block_of)) + 1
-        return np.concatenate([[0], changes, [len(self.indices)]]).astype(np.int64)

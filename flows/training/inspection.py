@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
-from flows.audio import DecodeAudio
 from flows.errors import FlowsError
 from flows.flow import Flow
-from flows.recipe import Recipe
-from flows.sampling import Order
-from flows.stages import stage_name
-from flows.tasks import MultiTask, Task
-from flows.train import count_samples
+from flows.sampling.order import Order
+from flows.stages.audio import DecodeAudio
+from flows.stages.base import stage_name
+from flows.training.recipe import Recipe
+from flows.training.tasks import MultiTask, Task
+from flows.training.train import count_samples
 
 Example = tuple[str, str | None, torch.Tensor, int]  # key, class, audio, sample rate
 

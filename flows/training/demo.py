@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from flows.checkpoint import CheckpointManager
 from flows.errors import FlowsError
-from flows.metrics_log import format_metrics
-from flows.recipe import get_recipe, make_config
+from flows.training.checkpoint import CheckpointManager
+from flows.training.metrics_log import format_metrics
+from flows.training.recipe import get_recipe, make_config
 
 
 @dataclass

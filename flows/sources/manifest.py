@@ -1,6 +1,6 @@
 """File listings as manifests: Arrow IPC files of ``path``, ``size`` and ``mtime``, on disk.
 
-A listing is made once per job: rank 0 lists (with :func:`flows.io.list_files_with_sizes`) and
+A listing is made once per job: rank 0 lists (with :func:`flows.storage.io.list_files_with_sizes`) and
 writes the manifest to a cache directory (``$FLOWS_CACHE_DIR``, else ``~/.cache/flows``, under
 ``manifests/``, named by the listed URL and the listing time), or where the user says; the other
 ranks receive its location, never the list, and every rank and worker memory-maps it, so a
@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch.distributed as dist
 
-from flows import io
-from flows.distributed import broadcast_object, is_distributed
 from flows.errors import FlowsError
+from flows.ranks import broadcast_object, is_distributed
+from flows.storage import io
 
 SCHEMA = pa.schema([("path", pa.large_string()), ("size", pa.int64()), ("mtime", pa.float64())])
 _BATCH = 1 << 20  # rows per record batch
@@ -43,7 +43,7 @@ def cache_dir() -> Path:
 
 def write(url: str, out: str | os.PathLike[str], extensions: Sequence[str] | None = None,
           recursive: bool = True, storage_options: dict | None = None) -> int:
-    """List ``url`` (as :func:`flows.io.list_files`) into the manifest ``out`` (written
+    """List ``url`` (as :func:`flows.storage.io.list_files`) into the manifest ``out`` (written
     atomically); the number of files."""
     listed = io.list_files_with_sizes(url, extensions, recursive, storage_options)
     local = "://" not in url or url.startswith("file://")
@@ -134,7 +134,7 @@ def _copy_where_missing(path: str) -> None:
 
 
 def _remember_sizes(path: str) -> None:
-    """Hand the first remote sizes of the manifest to :func:`flows.io.read_bytes`: one GET each."""
+    """Hand the first remote sizes of the manifest to :func:`flows.storage.io.read_bytes`: one GET each."""
     table = open_manifest(path).slice(0, _SIZE_HINTS)
     io.remember_sizes(dict(zip(table.column("path").to_pylist(), table.column("size").to_pylist(),
                                strict=True)))

@@ -5,7 +5,7 @@ Items are dicts; after decoding they hold ``audio`` (float32 tensor, channels x 
 torchaudio's windowed-sinc kernel (cached per rate pair) when it is installed.
 
 Decoding never calls back into Python while libsndfile reads: local files are opened by path
-(the read stage hands over a :class:`~flows.stages.FileRef` instead of their bytes), bytes in
+(the read stage hands over a :class:`~flows.stages.read.FileRef` instead of their bytes), bytes in
 memory through an anonymous in-memory file (``memfd``), so thread workers decode in parallel.
 
 **Reading only what is kept.** When ``pad``/``crop`` follows ``decode_audio`` with only
@@ -32,9 +32,10 @@ import numpy as np
 import soundfile
 import torch
 
-from flows import io
 from flows.errors import FlowsError
-from flows.stages import FileRef, Stage
+from flows.stages.base import Stage
+from flows.stages.read import FileRef
+from flows.storage import io
 
 _LOSSY = {"VORBIS", "OPUS", "MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III"}
 _SHORT_DATA = re.compile(r": (\d+) \(should be (\d+)\)")  # libsndfile's log of a chunk's size
@@ -155,7 +156,7 @@ class DecodeAudio(Stage):
     """Decode WAV (8/16/24/32-bit integer or float), FLAC, OGG or MP3 with soundfile.
 
     ``item[field]`` is raw bytes, a Hugging Face ``{"bytes", "path"}`` audio struct or a
-    :class:`~flows.stages.FileRef` left by the read stage. The bytes are dropped from the output
+    :class:`~flows.stages.read.FileRef` left by the read stage. The bytes are dropped from the output
     to keep items small. ``start`` and ``end`` (or ``duration``) name record fields giving the
     part of the file to use, in ``unit`` seconds or frames (an annotation table's columns): only
     that part is read. Non-finite samples and truncated WAV files are errors (skippable with

@@ -4,8 +4,8 @@ flows has no launcher and no communication of its own: ``torchrun`` starts the p
 sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 :func:`setup` joins the process group those describe (``gloo`` for CPU tensors, ``nccl`` for
 CUDA ones), and torch.distributed does the rest (DDP's gradient all-reduce, metric gathering,
-the location of rank 0's file manifest, broadcast: see :mod:`flows.manifest`).
-:func:`flows.train.train` calls :func:`setup` itself, so a recipe runs unchanged under
+the location of rank 0's file manifest, broadcast: see :mod:`flows.sources.manifest`).
+:func:`flows.training.train.train` calls :func:`setup` itself, so a recipe runs unchanged under
 ``torchrun --nproc-per-node N``.
 
 Data order is global: every flow cuts each epoch into *global* batches and rank ``r`` of ``W``
@@ -31,19 +31,14 @@ from flows.errors import FlowsError
 
 if TYPE_CHECKING:
     from flows.loader import Loader
-    from flows.recipe import Recipe
+    from flows.training.recipe import Recipe
 
-__all__ = ["backend_for", "broadcast_object", "global_plans", "is_distributed",
+__all__ = ["backend_for", "global_plans",
            "per_rank_batch_size", "setup", "teardown", "with_batch_size"]
 
 R = TypeVar("R", bound="Recipe")
 
 _created = False  # whether setup() initialized the process group (so teardown() may destroy it)
-
-
-def is_distributed() -> bool:
-    """Whether a process group of more than one rank is up."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def backend_for(device: str | torch.device | None = None) -> str:
@@ -93,15 +88,6 @@ def teardown() -> None:
     if _created and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _created = False
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank (``obj`` itself when not distributed)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from flows import io as flows_io
 from flows.errors import FlowsError, RemoteError
+from flows.storage import io as flows_io
 
 __all__ = ["CheckpointManager", "CheckpointWarning", "capture_rng", "restore_rng"]
 
@@ -250,7 +250,7 @@ class CheckpointManager:
 
     def load(self, url: str, map_location: Any = None) -> dict[str, Any]:
         """Verify and load one checkpoint; raise FlowsError naming the file if it is corrupt."""
-        try:  # s3:// through obstore by default, with flows.io's retries
+        try:  # s3:// through obstore by default, with flows.storage.io's retries
             data = flows_io.read_bytes(url, self.storage_options)
         except FileNotFoundError as e:
             raise FlowsError(f"checkpoint {url} does not exist") from e

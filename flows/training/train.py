@@ -28,7 +28,7 @@ non-finite weights (never checkpointed). Samples that fail to read or decode sto
 too, unless ``on_error="skip"``: then they are counted and reported at each epoch end.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`train` joins the process group itself
-(:func:`flows.distributed.setup`: gloo on CPU, nccl on CUDA), wraps the model in
+(:func:`flows.training.distributed.setup`: gloo on CPU, nccl on CUDA), wraps the model in
 DistributedDataParallel, adds metric sums over ranks, makes ranks agree on stopping, and only
 rank 0 writes checkpoints and logs. Rank 0's loader position stands for every rank's (it counts
 global batches); checkpoints also hold every rank's RNG state and the training sums of all ranks,
@@ -55,20 +55,17 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from flows.checkpoint import CheckpointManager, capture_rng, restore_rng
-from flows.distributed import (
-    broadcast_object,
-    global_plans,
-    per_rank_batch_size,
-    setup,
-    with_batch_size,
-)
 from flows.errors import FlowsError
+from flows.execution.apply import OnError
+from flows.execution.threads import training_threads
 from flows.flow import Flow
-from flows.metrics_log import LogFormat, MetricsLog, format_metrics, plot_log
-from flows.nodes import OnError, to_device, training_threads
-from flows.recipe import Recipe, RecipeConfig
-from flows.tasks import Sums, finalize
+from flows.nodes.to_device import to_device
+from flows.ranks import broadcast_object
+from flows.training.checkpoint import CheckpointManager, capture_rng, restore_rng
+from flows.training.distributed import global_plans, per_rank_batch_size, setup, with_batch_size
+from flows.training.metrics_log import LogFormat, MetricsLog, format_metrics, plot_log
+from flows.training.recipe import Recipe, RecipeConfig
+from flows.training.tasks import Sums, finalize
 
 __all__ = ["TrainConfig", "TrainResult", "count_samples", "pick_device", "seed_everything", "train"]
 

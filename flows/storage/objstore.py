@@ -1,8 +1,8 @@
-"""The fast S3 client of :mod:`flows.io`: obstore (Rust ``object_store`` under PyO3).
+"""The fast S3 client of :mod:`flows.storage.io`: obstore (Rust ``object_store`` under PyO3).
 
 Reads, range reads and listings of ``s3://`` URLs go through obstore's own sync API, which releases
 the GIL and costs a fraction of botocore's CPU per request. This module only talks to the store;
-retries, error classification, size checks and redaction stay in :mod:`flows.io`, so obstore's own
+retries, error classification, size checks and redaction stay in :mod:`flows.storage.io`, so obstore's own
 retries are switched off (one retry policy, whose attempts can be counted).
 
 The client is chosen per URL by :func:`s3_store`: obstore unless ``FLOWS_S3_CLIENT=s3fs`` or
@@ -139,7 +139,7 @@ def _store_config(options: Mapping[str, Any]) -> dict[str, Any] | None:
         if config_kwargs.get(ours) is not None:
             client[theirs] = f"{float(config_kwargs[ours]) * 1000:.0f}ms"
     config["client_options"] = client
-    config["retry_config"] = {"max_retries": 0}  # flows.io retries (and counts, and logs)
+    config["retry_config"] = {"max_retries": 0}  # flows.storage.io retries (and counts, and logs)
     return config
 
 
@@ -275,7 +275,7 @@ def is_forbidden(exc: BaseException) -> bool:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """A connection, timeout or cut-body error of obstore (statuses are classified by flows.io)."""
+    """A connection, timeout or cut-body error of obstore (statuses are classified by flows.storage.io)."""
     return is_error(exc) and bool(_TRANSIENT.search(str(exc)))
 
 

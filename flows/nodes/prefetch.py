@@ -21,7 +21,7 @@ import torch
 from torch.utils.data._utils.pin_memory import pin_memory
 from torchdata.nodes import BaseNode
 
-from flows.loader import close_graph
+from flows.nodes.graph import close_graph
 
 _POLL = 0.1  # seconds between looks at the stop flag while waiting
 _END = object()  # queued after the last item, with the state after the source's end
