@@ -28,12 +28,14 @@ import torch
 import torch.distributed as dist
 
 from flows.errors import FlowsError
+from flows.ranks import broadcast_object
 
 if TYPE_CHECKING:
     from flows.loader import Loader
+    from flows.training.checkpoint import CheckpointManager
     from flows.training.recipe import Recipe
 
-__all__ = ["backend_for", "global_plans",
+__all__ = ["Ranks", "backend_for", "check_plans", "global_plans", "newest_on_every_rank",
            "per_rank_batch_size", "setup", "teardown", "with_batch_size"]
 
 R = TypeVar("R", bound="Recipe")
@@ -119,3 +121,79 @@ def global_plans(loader: Loader) -> list[str] | None:
             return None
         described.append(f"{len(sampler.source)} samples, {sampler.plan!r}")
     return described
+
+
+
+def check_plans(url: str, state: dict[str, Any], plans: list[str] | None, world: int) -> None:
+    """Refuse to resume checkpoint ``state`` (read from ``url``) mid-epoch unless this run, on
+    ``world`` ranks, makes the same global batches (``plans``: :func:`global_plans`): a
+    mid-epoch loader position means something only for those. An epoch-end checkpoint starts
+    the next epoch, which any batching may do."""
+    saved = state.get("plans")
+    if state["batch"] == 0 or saved is None or plans is None or saved == plans:
+        return
+    raise FlowsError(
+        f"checkpoint {url} stopped mid-epoch on {state.get('world_size', 1)} rank(s) with global "
+        f"batches [{'; '.join(saved)}], but this run on {world} rank(s) makes "
+        f"[{'; '.join(plans)}]: resume with the same global batch size (--global-batch-size, "
+        f"or --batch-size global/ranks), or from an epoch-end checkpoint")
+
+
+def newest_on_every_rank(checkpoints: CheckpointManager, rank: int) -> tuple[str, dict[str, Any]] | None:
+    """The newest valid checkpoint as ``(url, state)``, the same on every rank: rank 0 picks it,
+    every rank loads that one (from storage every machine reads)."""
+    found = checkpoints.latest_valid(map_location="cpu") if rank == 0 else None
+    url = broadcast_object(found[0] if found is not None else None)
+    if url is None or found is not None:
+        return found
+    try:
+        return url, checkpoints.load(url, map_location="cpu")
+    except FlowsError as e:
+        raise FlowsError(f"rank {rank}: {e}; under torchrun on several machines the checkpoint "
+                         "directory must be storage every machine reads (s3://, a shared file "
+                         "system)") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """This process's ``rank`` of ``world`` (0 of 1 without a process group) and what the ranks
+    of a training job do together; alone, each is a no-op."""
+
+    rank: int
+    world: int
+    device: torch.device  # where the collectives' tensors live (nccl: CUDA)
+
+    @classmethod
+    def joined(cls, device: torch.device) -> Ranks:
+        """The ranks of the process group this process has joined, if any."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), device)
+        return cls(0, 1, device)
+
+    def sum(self, n: int) -> int:
+        """``n`` added over the ranks."""
+        if self.world == 1:
+            return n
+        total = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(total)
+        return int(total.item())
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order."""
+        if self.world == 1:
+            return [obj]
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, obj)
+        return parts
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()

@@ -26,8 +26,7 @@ from flows.sampling.order import Order
 from flows.stages.audio import DecodeAudio
 from flows.stages.base import stage_name
 from flows.training.recipe import Recipe
-from flows.training.tasks import MultiTask, Task
-from flows.training.train import count_samples
+from flows.training.tasks import MultiTask, Task, count_samples
 
 Example = tuple[str, str | None, torch.Tensor, int]  # key, class, audio, sample rate
 

@@ -101,3 +101,17 @@ def finalize(sums: Mapping[str, tuple[float, float]]) -> dict[str, float]:
     for k in [k for k in out if k.endswith("mse")]:
         out[k[:-3] + "rmse"] = out[k] ** 0.5
     return out
+
+
+def add_sums(total: Sums, sums: Mapping[str, tuple[float, float]]) -> None:
+    """Add ``sums`` into ``total``, key by key."""
+    for key, (s, n) in sums.items():
+        s0, n0 = total.get(key, (0.0, 0.0))
+        total[key] = (s0 + float(s), n0 + float(n))
+
+
+def count_samples(batch: Any) -> int:
+    """Samples in a batch: the length of its first tensor or list."""
+    if isinstance(batch, Mapping):
+        return count_samples(next(iter(batch.values()))) if batch else 0
+    return len(batch) if isinstance(batch, (torch.Tensor, list, tuple)) else 0

@@ -52,7 +52,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from flows.errors import FlowsError
@@ -60,14 +59,22 @@ from flows.execution.apply import OnError
 from flows.execution.threads import training_threads
 from flows.flow import Flow
 from flows.nodes.to_device import to_device
-from flows.ranks import broadcast_object
 from flows.training.checkpoint import CheckpointManager, capture_rng, restore_rng
-from flows.training.distributed import global_plans, per_rank_batch_size, setup, with_batch_size
+from flows.training.distributed import (
+    Ranks,
+    check_plans,
+    global_plans,
+    newest_on_every_rank,
+    per_rank_batch_size,
+    setup,
+    with_batch_size,
+)
+from flows.training.evaluate import evaluate
 from flows.training.metrics_log import LogFormat, MetricsLog, format_metrics, plot_log
 from flows.training.recipe import Recipe, RecipeConfig
-from flows.training.tasks import Sums, finalize
+from flows.training.tasks import Sums, add_sums, count_samples, finalize
 
-__all__ = ["TrainConfig", "TrainResult", "count_samples", "pick_device", "seed_everything", "train"]
+__all__ = ["TrainConfig", "TrainResult", "pick_device", "seed_everything", "train"]
 
 log = logging.getLogger("flows.train")
 
@@ -231,39 +238,26 @@ class _StopSignals:
 _END = object()
 
 
-def _add(total: dict[str, tuple[float, float]], sums: Mapping[str, tuple[float, float]]) -> None:
-    for key, (s, n) in sums.items():
-        s0, n0 = total.get(key, (0.0, 0.0))
-        total[key] = (s0 + float(s), n0 + float(n))
-
-
-def count_samples(batch: Any) -> int:
-    """Samples in a batch: the length of its first tensor or list."""
-    if isinstance(batch, Mapping):
-        return count_samples(next(iter(batch.values()))) if batch else 0
-    return len(batch) if isinstance(batch, (torch.Tensor, list, tuple)) else 0
-
-
 class _Run:
     """One call of :func:`train`: the objects being trained and where training stands."""
 
     def __init__(self, recipe: Recipe, config: TrainConfig, stop: _StopSignals):
         self.recipe, self.config, self.stop = recipe, config, stop
         rc = recipe.config
-        distributed = dist.is_available() and dist.is_initialized()
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.device = pick_device(config.device)
+        self.ranks = Ranks.joined(self.device)
+        self.rank, self.world = self.ranks.rank, self.ranks.world
         self.checkpoints = (CheckpointManager(config.checkpoint_dir, config.keep,
                                               config.checkpoint_storage_options)
                             if config.checkpoint_dir else None)
         if self.checkpoints is not None and self.rank == 0:
             self.checkpoints.check()  # before anything is built: no epoch lost to a typo
-        self.device = pick_device(config.device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
         seed_everything(rc.seed)
         self.model = recipe.model().to(self.device)
         self.net: torch.nn.Module = self.model
-        if distributed:
+        if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.task = recipe.task()
@@ -364,13 +358,6 @@ class _Run:
         """This rank's train loader's count of samples skipped on error (across epochs)."""
         return self.train_loader.skipped if self.config.on_error == "skip" else 0
 
-    def _sum_ranks(self, n: int) -> int:
-        if self.world == 1:
-            return n
-        total = torch.tensor([n], dtype=torch.int64, device=self.device)
-        dist.all_reduce(total)
-        return int(total.item())
-
     def _reached_max_steps(self) -> bool:
         return self.config.max_steps is not None and self.step >= self.config.max_steps
 
@@ -391,7 +378,7 @@ class _Run:
                 last = upcoming is _END
                 micro += 1
                 boundary = micro == accumulate or last
-                _add(group, self._forward_backward(batch, sync=boundary))
+                add_sums(group, self._forward_backward(batch, sync=boundary))
                 self.batch += 1
                 bar.update()
                 batch = upcoming
@@ -439,7 +426,7 @@ class _Run:
                 f"before the weights changed; newest checkpoint: {self.checkpoint or 'none'}")
         with torch.no_grad():
             sums = {"loss": (value * n, n), **self.task.metrics(output, batch)}
-        _add(self.running, sums)
+        add_sums(self.running, sums)
         return sums
 
     def _optimizer_step(self) -> None:
@@ -467,13 +454,10 @@ class _Run:
         """Whether a stop signal arrived (on any rank: ranks agree, so they stop together)."""
         if self.stop.signum is not None and self.interrupted is None:
             self.interrupted = signal.Signals(self.stop.signum).name
-        if self.world == 1:
-            return self.interrupted is not None
-        flag = torch.tensor([float(self.interrupted is not None)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.interrupted is None:
+        stopping = self.ranks.any(self.interrupted is not None)
+        if stopping and self.interrupted is None:
             self.interrupted = "SIGTERM"  # sent to another rank
-        return bool(flag.item())
+        return stopping
 
     def _end_epoch(self, skipped: int) -> None:
         """Close the epoch: its metrics, the scheduler, evaluation, a checkpoint. ``skipped``:
@@ -482,7 +466,7 @@ class _Run:
         self.batch = 0
         self.train_metrics = finalize(self._gather_sums(self.running))
         self.running = {}
-        epoch_skipped = self._sum_ranks(skipped - self.skipped_start) + self.skipped_carried
+        epoch_skipped = self.ranks.sum(skipped - self.skipped_start) + self.skipped_carried
         self.skipped["train"] += epoch_skipped
         self.skipped_start, self.skipped_carried = skipped, 0
         self._log("epoch", {**self.train_metrics, **self._skip_field(epoch_skipped)}, self.epoch)
@@ -513,29 +497,17 @@ class _Run:
         if self._stop_requested():
             self.pending_eval, self.metrics = epoch, {}
             return
-        rng = capture_rng()
-        self.model.eval()
-        sums: dict[str, tuple[float, float]] = {}
-        try:
-            with torch.no_grad(), self.eval_flow.loader(num_workers=self.recipe.config.num_workers,
-                                                        on_error=self.config.on_error) as loader:
-                for batch in loader:
-                    if self.world == 1 and self.stop.signum is not None:
-                        self._stop_requested()  # stopping: no time for the rest
-                        self.pending_eval, self.metrics = epoch, {}
-                        return
-                    batch = to_device(batch, self.device)
-                    n = float(count_samples(batch))
-                    with self._autocast():
-                        output = self.model(self.task.inputs(batch))
-                        loss = self.task.loss(output, batch)
-                    _add(sums, {"loss": (loss.item() * n, n), **self.task.metrics(output, batch)})
-                skipped = loader.skipped if self.config.on_error == "skip" else 0
-        finally:
-            self.model.train()
-            restore_rng(rng)
+        with self.eval_flow.loader(num_workers=self.recipe.config.num_workers,
+                                   on_error=self.config.on_error) as loader:
+            sums = evaluate(self.model, self.task, loader, self.device, self._autocast,
+                            stopping=lambda: self.world == 1 and self.stop.signum is not None)
+            skipped = loader.skipped if self.config.on_error == "skip" else 0
+        if sums is None:  # stopping: no time for the rest
+            self._stop_requested()
+            self.pending_eval, self.metrics = epoch, {}
+            return
         self.metrics = finalize(self._gather_sums(sums))
-        self.skipped["eval"] = self._sum_ranks(skipped)
+        self.skipped["eval"] = self.ranks.sum(skipped)
         self.pending_eval = None
         self._log("eval", {**self.metrics, **self._skip_field(self.skipped["eval"])}, epoch)
         if "loss" in self.metrics and (self.best is None
@@ -546,11 +518,9 @@ class _Run:
         """Metric sums added over ranks."""
         if self.world == 1:
             return sums
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, sums)
         total: dict[str, tuple[float, float]] = {}
-        for part in parts:
-            _add(total, part)
+        for part in self.ranks.gather(sums):
+            add_sums(total, part)
         return total
 
     def _log(self, kind: str, values: Mapping[str, float], epoch: int) -> None:
@@ -567,15 +537,14 @@ class _Run:
         running = self.running
         epoch_skipped = skipped - self.skipped_start
         if self.world > 1:  # every rank's RNGs; the epoch's training sums added over ranks
-            parts: list[Any] = [None] * self.world
-            dist.all_gather_object(parts, (capture_rng(), self.running, epoch_skipped))
+            parts = self.ranks.gather((capture_rng(), self.running, epoch_skipped))
             rngs, running = [part[0] for part in parts], {}
             for part in parts:
-                _add(running, part[1])
+                add_sums(running, part[1])
             epoch_skipped = sum(part[2] for part in parts)
         if self.rank != 0:
             # wait until rank 0 has written it: once one rank exits, torchrun stops the others
-            dist.barrier()
+            self.ranks.barrier()
             return
         state = {
             "recipe": self.recipe.name,
@@ -600,21 +569,11 @@ class _Run:
         }
         _check_finite(self.model, self.step, self.checkpoint)
         self.checkpoint = self.checkpoints.save(state, self.step)
-        if self.world > 1:
-            dist.barrier()
+        self.ranks.barrier()
 
     def _resume(self) -> None:
         assert self.checkpoints is not None
-        # rank 0 picks the checkpoint, every rank loads that one (from shared storage)
-        found = self.checkpoints.latest_valid(map_location="cpu") if self.rank == 0 else None
-        url = broadcast_object(found[0] if found is not None else None)
-        if url is not None and found is None:
-            try:
-                found = url, self.checkpoints.load(url, map_location="cpu")
-            except FlowsError as e:
-                raise FlowsError(f"rank {self.rank}: {e}; under torchrun on several machines "
-                                 "the checkpoint directory must be storage every machine "
-                                 "reads (s3://, a shared file system)") from e
+        found = newest_on_every_rank(self.checkpoints, self.rank)
         if found is None:
             log.info("no checkpoint in %s yet: starting from scratch", self.config.checkpoint_dir)
             return
@@ -622,7 +581,7 @@ class _Run:
         if state["recipe"] != self.recipe.name:
             raise FlowsError(f"checkpoint {url} is from recipe {state['recipe']!r}, not "
                              f"{self.recipe.name!r}")
-        self._check_plans(url, state)
+        check_plans(url, state, global_plans(self.train_loader), self.world)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -654,19 +613,6 @@ class _Run:
                 log.info("the checkpoint was written by %d rank(s); continuing on %d",
                          saved_world, self.world)
 
-    def _check_plans(self, url: str, state: dict[str, Any]) -> None:
-        """A mid-epoch loader position means something only for the same global batches: on
-        another number of ranks the global batch size must be the same (an epoch-end checkpoint
-        starts the next epoch, which any batching may do)."""
-        saved, now = state.get("plans"), global_plans(self.train_loader)
-        if state["batch"] == 0 or saved is None or now is None or saved == now:
-            return
-        world = state.get("world_size", 1)
-        raise FlowsError(
-            f"checkpoint {url} stopped mid-epoch on {world} rank(s) with global batches "
-            f"[{'; '.join(saved)}], but this run on {self.world} rank(s) makes "
-            f"[{'; '.join(now)}]: resume with the same global batch size (--global-batch-size, "
-            f"or --batch-size global/ranks), or from an epoch-end checkpoint")
 
 
 def _sample_names(batch: Any, most: int = 64) -> str:
