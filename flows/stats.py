@@ -117,6 +117,9 @@ class TimedApply:
         return outs
 
 
+# ---- timing a node's next, in the main process --------------------------------------------
+
+
 def _time_next(node: BaseNode, record: Callable[..., None],
                before: Callable[[Any], None] | None = None) -> None:
     """Make ``node``'s ``next`` (what torchdata's ``__next__`` calls) report each call:

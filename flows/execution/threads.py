@@ -1,5 +1,4 @@
-"""Thread counts: torch intra-op threads for the training step, and one each for worker threads.
-"""
+"""Thread counts: torch intra-op threads for the training step, and one each for worker threads."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Mix: interleaves several flows with seeded weights.
-"""
+"""Mix: interleaves several flows with seeded weights."""
 
 from __future__ import annotations
 

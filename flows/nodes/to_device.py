@@ -1,5 +1,4 @@
-"""ToDevice: moves each batch to the training device and runs batched transforms there.
-"""
+"""ToDevice: moves each batch to the training device and runs batched transforms there."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""DecodeTensor: ``.pt`` and ``.npy`` bytes to tensors.
-"""
+"""DecodeTensor: ``.pt`` and ``.npy`` bytes to tensors."""
 
 from __future__ import annotations
 
