@@ -1,4 +1,11 @@
-"""flows: composable, exactly resumable data pipelines for PyTorch, audio first."""
+"""flows: composable, exactly resumable data pipelines for PyTorch, audio first.
+
+This package is the pipeline: ``flow.py`` describes one and builds its graph of nodes
+(``nodes/``, one per module) over sources (``sources/``), an order and batch plan
+(``sampling/``), per-sample stages (``stages/``, reading through ``storage/``) run by worker
+pools (``execution/``); ``loader.py`` iterates it and saves its position. The training side
+built on it is :mod:`flows.training`, which this package never imports.
+"""
 
 from flows.errors import ColumnError, EmptySourceError, FlowsError, RemoteError, StageError
 from flows.execution.apply import Apply

@@ -96,7 +96,11 @@ def get_recipe(name: str) -> type[Recipe]:
     if ":" not in name and name not in REGISTRY:
         declared = [point.value for point in entry_points(group=ENTRY_POINTS, name=name)]
         if not declared:
-            raise FlowsError(f"unknown recipe {name!r}; known recipes: {', '.join(recipe_names())}")
+            known = ", ".join(recipe_names()) or ("none: no installed distribution declares one "
+                                                  f"(entry points {ENTRY_POINTS!r}; pip install -e . "
+                                                  "declares this project's)")
+            raise FlowsError(f"unknown recipe {name!r}; known recipes: {known}; or name a recipe "
+                             "class as package.module:Class")
         name = declared[0]
     if ":" not in name:
         return REGISTRY[name]
