@@ -37,7 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from flows.errors import EmptySourceError, FlowsError
 from flows.nodes.graph import epoch_owner
 from flows.sampling.order import EpochOrder
-from flows.sampling.plans import Batches, Plan, Segments
+from flows.sampling.plans import Batches, Plan, as_batches
 
 MAX_WORKERS = 1024
 
@@ -56,9 +56,7 @@ class Strided(Plan):
     count: int
 
     def __call__(self, order: EpochOrder, source: Source, seed: int, epoch: int) -> Batches:
-        batches = self.plan(order, source, seed, epoch)
-        return _Every(batches if isinstance(batches, Batches) else Segments.of(batches),
-                      self.index, self.count)
+        return _Every(as_batches(self.plan(order, source, seed, epoch)), self.index, self.count)
 
 
 class _Every(Batches):
@@ -98,6 +96,7 @@ class FlowDataset(IterableDataset):
         # ``build()``: a loader of this rank's flow without prefetch (a picklable callable:
         # spawned workers get it pickled); the DataLoader pins (pin_memory=True)
         self.build = build
+        self._lengths: dict[int, int] = {}  # outputs per epoch, as len() counted them
         # the epoch each DataLoader worker slot starts next, in memory every copy shares
         self._next_epochs = torch.zeros(MAX_WORKERS, dtype=torch.int64).share_memory_()
         self._run: _Run | None = None
@@ -126,11 +125,14 @@ class FlowDataset(IterableDataset):
 
     def __len__(self) -> int:
         """Outputs per epoch on this rank, over all DataLoader workers."""
-        loader = self._build(0, 1)
-        try:
-            return epoch_owner(loader.root).planned(self.epoch)
-        finally:
-            loader.close()
+        epoch = self.epoch
+        if epoch not in self._lengths:  # the plan is a function of the epoch: counted once
+            loader = self._build(0, 1)
+            try:
+                self._lengths[epoch] = epoch_owner(loader.root).planned(epoch)
+            finally:
+                loader.close()
+        return self._lengths[epoch]
 
     # ---- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> FlowDataset:

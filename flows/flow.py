@@ -247,14 +247,13 @@ class Flow:
         if rank is None or world_size is None:
             rank, world_size = distributed_position()
         collector = (stats if isinstance(stats, Stats) else Stats()) if stats else None
-        samplers: list[Sampler] = []
-        root = self._build(num_workers, method, on_error, rank, world_size, mp_context, samplers)
+        root = self._build(num_workers, method, on_error, rank, world_size, mp_context)
         wrappers = 0
         if prefetch or (self.pin_memory and torch.cuda.is_available()):
             root, wrappers = Prefetch(root, prefetch, pin=self.pin_memory), wrappers + 1
         if self.device is not None:
             root, wrappers = ToDevice(root, self.device, self.device_transform), wrappers + 1
-        return Loader(root, samplers, wrappers, stats=collector)
+        return Loader(root, wrappers, stats=collector)
 
     def dataset(self, num_workers: int = 0, method: Literal["thread", "process"] = "thread",
                 on_error: OnError = "raise", rank: int | None = None, world_size: int | None = None,
@@ -280,15 +279,13 @@ class Flow:
         return self if self.plan is None else self._with(plan=_Made(self.plan(world_size)))
 
     def _build(self, num_workers: int, method: Literal["thread", "process"], on_error: OnError,
-               rank: int, world_size: int, mp_context: str | None,
-               samplers: list[Sampler]) -> BaseNode:
+               rank: int, world_size: int, mp_context: str | None) -> BaseNode:
         if self.mixed:
-            children = [f._build(num_workers, method, on_error, rank, world_size, mp_context, samplers)
+            children = [f._build(num_workers, method, on_error, rank, world_size, mp_context)
                         for f, _ in self.mixed]
             return Mix(children, [w for _, w in self.mixed], self.mix_seed, self.mix_stop)
         plan = self.plan(world_size) if self.plan else None
         sampler = Sampler(self._source(), self.order, plan, rank, world_size)
-        samplers.append(sampler)
         batched = self.plan is not None
         apply = Apply(self.stages, self.order.seed or 0, self.collate, batched, on_error)
         return Gather(Workers(sampler, apply, num_workers, method, mp_context, batched), on_error)

@@ -9,7 +9,7 @@ from torchdata.nodes import BaseNode
 from torchdata.nodes import Loader as _NodesLoader
 
 from flows.errors import FlowsError
-from flows.nodes.graph import close_graph, epoch_owner, find
+from flows.nodes.graph import close_graph, epoch_owner, find, walk
 from flows.nodes.sampler import Sampler
 from flows.nodes.workers import Workers
 
@@ -27,10 +27,9 @@ class Loader:
     kind of workers) with ``load_state_dict()``, continues with exactly the next batch.
     """
 
-    def __init__(self, root: BaseNode, samplers: list[Sampler], wrappers: int = 0,
-                 stats: Stats | None = None):
+    def __init__(self, root: BaseNode, wrappers: int = 0, stats: Stats | None = None):
         self.root = root
-        self.samplers = samplers
+        self.samplers = [node for node in walk(root) if isinstance(node, Sampler)]  # a mix's in order
         self.wrappers = wrappers  # nodes above the flow (prefetch, device), each {"source": ...}
         self._loader = _NodesLoader(root)
         self._stats = stats

@@ -16,6 +16,7 @@ With ``stats=False`` (the default) none of this is built: the graph is exactly t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -34,6 +35,7 @@ from flows.nodes.prefetch import Prefetch
 from flows.nodes.sampler import Envelope, Sampler
 from flows.nodes.workers import Workers
 from flows.stages.base import Filter, stage_name
+from flows.stages.cache import Cached
 
 _local = threading.local()  # the current task's timing records, per worker thread
 
@@ -73,23 +75,11 @@ class TimedStage:
             records.append((name, start, duration, duration - inner))
 
 
-class _TimedPredicate:
-    def __init__(self, predicate: Callable[[Any], bool], name: str):
-        self.predicate, self.name = predicate, name
-        self.stage = TimedStage(predicate)
-        self.stage.name = name
-
-    def __call__(self, item: Any) -> bool:
-        return self.stage(item)
-
-
 def timed(stage: Callable) -> Callable:
     """``stage`` wrapped so its time is recorded (filters stay filters, caches time their inner
     stages too)."""
-    from flows.stages.cache import Cached
-
     if isinstance(stage, Filter):
-        return Filter(_TimedPredicate(stage.predicate, stage.name), stage.name)
+        return Filter(TimedStage(stage.predicate, name=stage.name), stage.name)
     if isinstance(stage, Cached):
         return TimedStage(stage.with_stages([timed(s) for s in stage.stages]), cached=True)
     return TimedStage(stage)
@@ -101,9 +91,10 @@ class TimedApply:
     first output."""
 
     def __init__(self, apply: Apply):
-        collate = None if apply.collate is None else TimedStage(apply.collate, name="collate")
-        self.apply = Apply([timed(s) for s in apply.stages], apply.seed, collate, apply.batched,
-                           apply.on_error)
+        self.apply = copy.copy(apply)
+        self.apply.stages = [timed(s) for s in apply.stages]
+        if apply.collate is not None:
+            self.apply.collate = TimedStage(apply.collate, name="collate")
 
     def __call__(self, envelopes: list[Envelope], cancelled: Cancelled = never_cancelled) -> list[Done]:
         records: list[Record] = []
@@ -175,7 +166,7 @@ class Stats:
             self.queues: dict[str, _Queue] = {}
             self.events: list[dict] = []
             self.samples = self.batches = 0
-            self.wall_ns = self.wait_ns = self.gather_wait_ns = 0
+            self.wall_ns = self.wait_ns = 0
             self.first_batch_ns: list[int] = []
 
     # -- wrapping a built graph (the Loader calls this when stats are on) --
@@ -203,22 +194,18 @@ class Stats:
                                 "ts": (start - self.origin) / 1e3, "dur": duration / 1e3})
 
     def _source(self, node: Sampler, item: Any, start: int, duration: int) -> None:
-        self._node("source", start, duration)
-
-    def _node(self, name: str, start: int, duration: int, items: int = 1) -> None:
         with self._lock:
-            entry = self.calls.setdefault(name, [0, 0, 0])
+            entry = self.calls.setdefault("source", [0, 0, 0])
             entry[0] += 1
             entry[1] += duration
-            entry[2] += items
+            entry[2] += 1
             if self.trace:
-                self._event(name, start, duration)
+                self._event("source", start, duration)
 
     def _done(self, node: Workers, done: Done, start: int, waited: int) -> None:
         pid, tid, records = done.timings or (0, 0, ())
         with self._lock:
             self.samples += done.samples
-            self.gather_wait_ns += waited
             for name, begin, duration, own in records:
                 entry = self.calls.setdefault(name, [0, 0, 0])
                 entry[0] += 1

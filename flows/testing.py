@@ -24,7 +24,7 @@ Buildable: TypeAlias = "Loader | BaseNode"
 def _loader(obj: Buildable) -> Loader:
     """A node in flows' Loader (which, unlike torchdata's, keeps a state loaded after a
     ``state_dict()`` on a fresh loader)."""
-    return Loader(obj, []) if isinstance(obj, BaseNode) else obj
+    return Loader(obj) if isinstance(obj, BaseNode) else obj
 
 
 def run_epochs(loader: Any, epochs: int) -> list[Any]:

@@ -70,24 +70,17 @@ def start_pool(fn: Callable, workers: int, method: str, mp_context: str | None) 
 
 
 class Inline(Pool):
-    """No workers: a task runs when it is submitted, in the consumer's thread."""
+    """No workers: a task runs when its result is asked for, in the consumer's thread (so
+    nothing is mapped ahead of the consumer, and a dropped task never runs)."""
 
     def __init__(self, fn: Callable):
         self.fn = fn
 
-    def submit(self, envelopes: list[Envelope]) -> Any:
-        try:
-            return self.fn(envelopes)
-        except Exception as error:  # noqa: BLE001 - raised by result(), in order
-            return _Failed(error)
+    def submit(self, envelopes: list[Envelope]) -> list[Envelope]:
+        return envelopes
 
-    def result(self, task: Any) -> list[Done]:
-        if isinstance(task, _Failed):
-            raise task.error
-        return task
-
-    def done(self, task: Any) -> bool:
-        return True
+    def result(self, task: list[Envelope]) -> list[Done]:
+        return self.fn(task)
 
 
 class ThreadPool(Pool):

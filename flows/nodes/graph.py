@@ -25,12 +25,7 @@ def epoch_owner(node: Any) -> Any:
 
 def walk(node: Any) -> Iterator[BaseNode]:
     """``node`` and every node below it, parents first."""
-    if isinstance(node, BaseNode):
-        yield node
-        for name in ("source", "sources"):
-            child = getattr(node, name, None)
-            for c in child if isinstance(child, list) else [child]:
-                yield from walk(c)
+    return _below(node, ("source", "sources"), BaseNode)
 
 
 def find(node: Any, kind: type[T]) -> T | None:
@@ -39,21 +34,28 @@ def find(node: Any, kind: type[T]) -> T | None:
 
 
 def close_graph(node: Any) -> None:
-    """Stop the graph below ``node``: cancel the work read ahead, then call ``_shutdown()`` on
-    every node and torchdata iterator."""
-    _visit(node, set(), "_cancel")
-    _visit(node, set(), "_shutdown")
+    """Stop the graph below ``node`` (a node, a Loader or torchdata's): cancel the work read
+    ahead, then call ``_shutdown()`` on every node and torchdata iterator."""
+    for method in ("_cancel", "_shutdown"):
+        for reached in _below(node, ("_it", "root", "source", "sources"), object):
+            stop = getattr(reached, method, None)
+            if callable(stop):
+                stop()
 
 
-def _visit(node: Any, seen: set[int], method: str) -> None:
-    """Call ``method()`` on every node and torchdata iterator in the graph below ``node``."""
-    if node is None or id(node) in seen:
-        return
-    seen.add(id(node))
-    stop = getattr(node, method, None)
-    if callable(stop):
-        stop()
-    for name in ("_it", "root", "source", "sources"):
-        child = getattr(node, name, None)
-        for c in child if isinstance(child, list) else [child]:
-            _visit(c, seen, method)
+def _below(node: Any, names: tuple[str, ...], kind: type[T]) -> Iterator[T]:
+    """``node`` and every object of type ``kind`` reached from it through the attributes
+    ``names`` (a list: each of its items) of objects of that type, each once, parents first."""
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current is None or not isinstance(current, kind) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        children: list[Any] = []
+        for name in names:
+            child = getattr(current, name, None)
+            children.extend(child if isinstance(child, list) else [child])
+        stack.extend(reversed(children))

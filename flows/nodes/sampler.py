@@ -16,7 +16,7 @@ from torchdata.nodes import BaseNode
 
 from flows.errors import EmptySourceError, FlowsError
 from flows.sampling.order import Order
-from flows.sampling.plans import Batches, FixedBatches, Plan, Segments
+from flows.sampling.plans import Batches, FixedBatches, Plan, Segments, as_batches
 from flows.sources.base import Source
 
 
@@ -59,11 +59,14 @@ class Sampler(BaseNode[Envelope]):
         self._started = False
         self._batches: Batches = Segments.of([])
         self._planned_epoch = -1
+        self._ahead: tuple[int, Batches] | None = None  # a plan counted ahead (planned()), kept for _plan
         self._mine: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))  # this rank's current slice
 
     def _plan(self, epoch: int) -> Batches:
         if self._planned_epoch != epoch:
-            self._batches, self._planned_epoch = self._planned(epoch), epoch
+            ahead, self._ahead = self._ahead, None
+            self._batches = ahead[1] if ahead is not None and ahead[0] == epoch else self._planned(epoch)
+            self._planned_epoch = epoch
             self._mine = (-1, np.zeros(0, np.int64))
             if not len(self._batches):
                 raise EmptySourceError(
@@ -77,13 +80,16 @@ class Sampler(BaseNode[Envelope]):
         return len(self._plan(self.epoch))
 
     def planned(self, epoch: int) -> int:
-        """Batches of ``epoch`` for each rank."""
-        return len(self._batches) if epoch == self._planned_epoch else len(self._planned(epoch))
+        """Batches of ``epoch`` for each rank (a plan made for it here is kept for the epoch)."""
+        if epoch == self._planned_epoch:
+            return len(self._batches)
+        if self._ahead is None or self._ahead[0] != epoch:
+            self._ahead = (epoch, self._planned(epoch))
+        return len(self._ahead[1])
 
     def _planned(self, epoch: int) -> Batches:
-        batches = self.plan(self.order(self.source, epoch), self.source, self.order.seed or 0, epoch)
-        if not isinstance(batches, Batches):
-            batches = Segments.of(batches)
+        batches = as_batches(self.plan(self.order(self.source, epoch), self.source, self.order.seed or 0,
+                                       epoch))
         # every rank gets one slice of every global batch: drop the ones too small to share
         return batches.at_least(self.world_size)
 

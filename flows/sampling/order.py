@@ -77,13 +77,13 @@ class Bijections:
     def __call__(self, positions: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
         """The images of ``positions`` (each in ``range(n[group])``; ``group`` defaults to 0)."""
         x = positions.astype(np.uint64).ravel()
-        g = np.zeros(len(x), dtype=np.int64) if group is None else group.ravel()
-        if len(self.size) == 1:
-            g = np.zeros(1, dtype=np.int64)  # one group: its parameters broadcast
+        single = len(self.size) == 1  # one group: its parameters broadcast
+        g = (np.zeros(1 if single else len(x), dtype=np.int64) if single or group is None
+             else group.ravel())
         x = self._feistel(x, g)
-        out = np.flatnonzero(x >= self.size[g if len(g) == len(x) else g[:1]])
+        out = np.flatnonzero(x >= self.size[g])
         while out.size:  # cycle-walk the values that fell outside range(n)
-            sub = g[out] if len(g) == len(x) else g
+            sub = g if single else g[out]
             x[out] = self._feistel(x[out], sub)
             out = out[x[out] >= self.size[sub]]
         return x.astype(np.int64)

@@ -80,6 +80,11 @@ class Segments(Batches):
         return self if keep.all() else Segments(self.indices, self.starts[keep], self.ends[keep])
 
 
+def as_batches(batches: Batches | Sequence[np.ndarray]) -> Batches:
+    """A plan's output as :class:`Batches` (a custom plan may return a list of index arrays)."""
+    return batches if isinstance(batches, Batches) else Segments.of(batches)
+
+
 class Plan:
     """Cuts an epoch's order into global batches: returns :class:`Batches` (or a list of
     index arrays)."""

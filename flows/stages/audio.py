@@ -165,19 +165,19 @@ class DecodeAudio(Stage):
     name = "decode_audio"
 
     def __init__(self, field: str = "bytes", start: str | None = None, end: str | None = None,
-                 duration: str | None = None, unit: Literal["seconds", "frames"] = "seconds",
-                 lazy: bool = False):
+                 duration: str | None = None, unit: Literal["seconds", "frames"] = "seconds"):
         if (end or duration) and not start or (end and duration):
             raise FlowsError("decode_audio: give start with either end or duration")
         if unit not in ("seconds", "frames"):
             raise FlowsError(f"decode_audio: unit is 'seconds' or 'frames', not {unit!r}")
         self.field, self.start, self.end, self.duration, self.unit = field, start, end, duration, unit
-        self.lazy = lazy
+        self.lazy = False  # True: exact formats hand over a Pending, read by the stage after
 
-    def eager(self) -> DecodeAudio:
-        """This stage decoding everything at once (audio as a tensor, never a :class:`Pending`)."""
+    def reading(self, lazy: bool) -> DecodeAudio:
+        """This stage, reading lazily (``lazy``: a :class:`Pending` for a later stage to read
+        its window of) or everything at once (a tensor)."""
         out = copy.copy(self)
-        out.lazy = False
+        out.lazy = lazy
         return out
 
     @property
@@ -235,9 +235,7 @@ def windowed(stages: Sequence[Callable]) -> tuple[Callable, ...]:
     for i in range(len(stages) - 1, -1, -1):
         stage = stages[i]
         if isinstance(stage, DecodeAudio):
-            lazy = copy.copy(stage)
-            lazy.lazy = True
-            return (*stages[:i], lazy, *stages[i + 1 :])
+            return (*stages[:i], stage.reading(lazy=True), *stages[i + 1 :])
         if isinstance(stage, Resample) and stage.backend == "soxr" and not steps:
             steps += 1
         elif not isinstance(stage, Downmix):

@@ -185,7 +185,7 @@ def _summarize(name: str, flow: Flow, targets: list[str], names: dict[str, list[
         at, decode = next(((i, s) for i, s in enumerate(stages) if isinstance(s, DecodeAudio)),
                           (None, None))
         if at is not None and decode is not None:  # probe the audio as read from disk (all of it)
-            stages[at : at + 1] = [decode.eager(), probe]
+            stages[at : at + 1] = [decode.reading(lazy=False), probe]
             decoded = True
         for item in _unbatched(leaf, stages, limit).loader(workers):
             summary.samples += 1
