@@ -4,6 +4,7 @@ lengths, and no abort at exit with a slow sample in flight."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 import pytest
 import torch
 
-from flows import Flow, StageError
+from flows import FixedBatches, Flow, StageError
 from flows.testing import run_epochs
 from tests.test_train import ROOT, Tiny
 
@@ -214,3 +215,29 @@ def test_closing_with_a_slow_sample_in_flight_never_aborts(workers, close):
                          timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "done", (run.returncode, run.stderr)
     assert "terminate called" not in run.stderr
+
+
+def test_len_makes_each_epochs_plan_once():
+    """``len(loader)`` before and between epochs (trainers ask often) plans that epoch once: the
+    plan counted is the plan the epoch then runs."""
+    plans = []
+
+    class Counted(FixedBatches):
+        def __call__(self, *args):  # type: ignore[no-untyped-def]
+            plans.append(1)
+            return super().__call__(*args)
+
+    flow = dataclasses.replace(Flow.items(list(range(40))).batch(4), plan=lambda world: Counted(4 * world))
+    loader = flow.loader(prefetch=0)
+    for _ in range(2):
+        assert [len(loader) for _ in range(3)] == [10, 10, 10]
+        assert len(list(loader)) == 10
+    assert len(plans) == 2
+
+
+def test_no_workers_map_nothing_ahead_of_the_consumer():
+    """With 0 workers a batch is mapped when it is asked for: the first batch maps its 4 samples."""
+    mapped = []
+    loader = Flow.items(list(range(40))).map(lambda x: mapped.append(x) or x).batch(4).loader(prefetch=0)
+    first = next(iter(loader))
+    assert len(first) == 4 and mapped == [0, 1, 2, 3]
