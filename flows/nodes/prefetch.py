@@ -36,8 +36,8 @@ class Prefetch(BaseNode):
     def __init__(self, source: BaseNode, depth: int = 2, pin: bool = False):
         super().__init__()
         self.source, self.depth = source, max(1, depth)
-        self.pin = pin and torch.cuda.is_available()
-        self._device = torch.cuda.current_device() if self.pin else 0
+        # the CUDA device to pin for, None when not pinning (or no CUDA)
+        self._pin = torch.cuda.current_device() if pin and torch.cuda.is_available() else None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()  # set, and the thread stops after its current item
         weakref.finalize(self, self._stop.set)  # dropped without close(): the thread ends too
@@ -54,7 +54,7 @@ class Prefetch(BaseNode):
         self._stop.clear()
         self._queue, self._slots = queue.Queue(), threading.Semaphore(self.depth)
         self._thread = threading.Thread(target=_fill, name="flows-prefetch", daemon=True,
-                                        args=(self.source, self._device if self.pin else None,
+                                        args=(self.source, self._pin,
                                               self._stop, self._queue, self._slots))
         _running.add(self)
         self._thread.start()
