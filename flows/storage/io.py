@@ -117,7 +117,7 @@ def _with_s3_endpoint(options: Mapping[str, Any]) -> dict[str, Any]:
     options = dict(options)
     client_kwargs = options.get("client_kwargs") or {}
     if not options.get("endpoint_url") and not client_kwargs.get("endpoint_url"):
-        endpoint = next((os.environ[v] for v in objstore.ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+        endpoint = objstore.env_endpoint()
         if endpoint:
             options["endpoint_url"] = endpoint
     return options
