@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from flows.errors import ColumnError, EmptySourceError
 from flows.sources import manifest as manifest_module
-from flows.sources.base import Source
+from flows.sources.base import Source, blocks_of
 from flows.sources.items import Columns, class_codes
 from flows.storage import io
 
@@ -191,9 +191,7 @@ class Table(Source):
     def blocks(self) -> np.ndarray | None:
         if self.kind != "parquet":
             return None
-        if self._rows is None:
-            return self._starts
-        return np.unique(np.searchsorted(self._rows, self._starts))
+        return self._starts if self._rows is None else blocks_of(self._starts, self._rows)
 
 
 def _join(root: str | None, path: str) -> str:
