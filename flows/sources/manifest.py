@@ -46,7 +46,7 @@ def write(url: str, out: str | os.PathLike[str], extensions: Sequence[str] | Non
     """List ``url`` (as :func:`flows.storage.io.list_files`) into the manifest ``out`` (written
     atomically); the number of files."""
     listed = io.list_files_with_sizes(url, extensions, recursive, storage_options)
-    local = "://" not in url or url.startswith("file://")
+    local = io.local_path(url) is not None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
@@ -66,9 +66,10 @@ def open_manifest(path: str | os.PathLike[str], storage_options: dict | None = N
     """An Arrow IPC file (a manifest or any table) as a ``pyarrow.Table``: memory-mapped when
     local (no copy: pages are read when used and shared between processes), read otherwise."""
     path = str(path)
+    local = io.local_path(path)
     try:
-        if "://" not in path or path.startswith("file://"):
-            return ipc.open_file(pa.memory_map(path.removeprefix("file://"))).read_all()
+        if local is not None:
+            return ipc.open_file(pa.memory_map(local)).read_all()
         with io.open_file(path, storage_options) as f:
             return ipc.open_file(pa.BufferReader(f.read())).read_all()
     except (OSError, pa.ArrowInvalid) as error:

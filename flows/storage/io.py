@@ -37,6 +37,7 @@ __all__ = [
     "filesystem",
     "list_files",
     "list_files_with_sizes",
+    "local_path",
     "open_file",
     "read_bytes",
     "redact",
@@ -125,6 +126,14 @@ def _with_s3_endpoint(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def _is_local(url: str) -> bool:
     return "::" not in url and _protocol(url) in _LOCAL_PROTOCOLS
+
+
+def local_path(url: str) -> str | None:
+    """The path on this machine that ``url`` names (a plain path or a ``file://`` URL), else None
+    (``memory://`` included)."""
+    if "://" not in url:
+        return url
+    return url.removeprefix("file://") if url.startswith("file://") else None
 
 
 # --------------------------------------------------------------------------- listing
