@@ -32,7 +32,6 @@ from flows.storage import io
 SCHEMA = pa.schema([("path", pa.large_string()), ("size", pa.int64()), ("mtime", pa.float64())])
 _BATCH = 1 << 20  # rows per record batch
 _KEEP_SECONDS = 24 * 3600  # older manifests of the same listing are removed
-_SIZE_HINTS = 2_000_000  # remote sizes handed to io.read_bytes at most (one GET per file)
 
 
 def cache_dir() -> Path:
@@ -82,9 +81,10 @@ def shared(url: str, extensions: Sequence[str] | None, recursive: bool,
     (reused, not listed), else written by rank 0 (to ``manifest``, or to the cache directory),
     its location broadcast. A rank that cannot see the file (another machine) gets its bytes."""
     found: Any = None
+    listed = False  # here, now: a listing of remote files has remembered their sizes already
     if not is_distributed() or dist.get_rank() == 0:
         try:
-            found = _existing_or_new(url, extensions, recursive, storage_options, manifest)
+            found, listed = _existing_or_new(url, extensions, recursive, storage_options, manifest)
         except Exception as error:  # noqa: BLE001 - every rank must raise it, not hang
             found = error
     found = broadcast_object(found)
@@ -92,22 +92,25 @@ def shared(url: str, extensions: Sequence[str] | None, recursive: bool,
         raise found
     if is_distributed():
         _copy_where_missing(found)
-    if "://" in url:
+    if "://" in url and not (listed and io.listing_remembers_sizes(url)):
         _remember_sizes(found)
     return found
 
 
-def _existing_or_new(url: str, extensions: Sequence[str] | None, recursive: bool,
-                     storage_options: dict | None, manifest: str | os.PathLike[str] | None) -> str:
+def _existing_or_new(
+    url: str, extensions: Sequence[str] | None, recursive: bool, storage_options: dict | None,
+    manifest: str | os.PathLike[str] | None,
+) -> tuple[str, bool]:
+    """The manifest's location, and whether it was listed now (not reused)."""
     if manifest is not None and os.path.exists(manifest):
-        return str(manifest)
+        return str(manifest), False
     if manifest is None:
         words = repr((io.redact(url, storage_options), sorted(extensions or ()), recursive))
         name = hashlib.blake2b(words.encode(), digest_size=8).hexdigest()
         manifest = cache_dir() / f"{name}-{time.time_ns()}.arrow"
         _remove_old(cache_dir().glob(f"{name}-*.arrow"))
     write(url, manifest, extensions, recursive, storage_options)
-    return str(manifest)
+    return str(manifest), True
 
 
 def _remove_old(paths: Any) -> None:
@@ -136,6 +139,6 @@ def _copy_where_missing(path: str) -> None:
 
 def _remember_sizes(path: str) -> None:
     """Hand the first remote sizes of the manifest to :func:`flows.storage.io.read_bytes`: one GET each."""
-    table = open_manifest(path).slice(0, _SIZE_HINTS)
+    table = open_manifest(path).slice(0, io.MAX_KNOWN_SIZES)
     io.remember_sizes(dict(zip(table.column("path").to_pylist(), table.column("size").to_pylist(),
                                strict=True)))

@@ -37,6 +37,7 @@ __all__ = [
     "filesystem",
     "list_files",
     "list_files_with_sizes",
+    "listing_remembers_sizes",
     "local_path",
     "open_file",
     "read_bytes",
@@ -182,23 +183,29 @@ def list_files_with_sizes(
     if not files:
         wanted = f" with extension {', '.join(suffixes)}" if suffixes else ""
         raise EmptySourceError(redact(f"no files{wanted} found at {url}", storage_options))
-    if not _is_local(url):
+    if listing_remembers_sizes(url):
         remember_sizes(files)
     return files
+
+
+def listing_remembers_sizes(url: str) -> bool:
+    """Whether :func:`list_files_with_sizes` remembers the sizes it lists (:func:`remember_sizes`):
+    for remote URLs."""
+    return not _is_local(url)
 
 
 # Object sizes seen by listings in this process (and in worker processes forked from it): with
 # the size known, read_bytes needs one GET instead of a HEAD and a GET. A size is only a hint:
 # a body of another length is retried with a fresh HEAD, so a stale size never returns wrong data.
 _KNOWN_SIZES: dict[str, int] = {}
-_MAX_KNOWN_SIZES = 2_000_000  # about 200 MB at most
+MAX_KNOWN_SIZES = 2_000_000  # about 200 MB at most
 
 
 def remember_sizes(sizes: Mapping[str, int | None]) -> None:
     """Let :func:`read_bytes` trust these object sizes (``{url: bytes}``, e.g. a listing made on
     another rank); ``None`` sizes are skipped. Bounded: beyond 2 million URLs nothing is added."""
     for url, size in sizes.items():
-        if size is not None and (url in _KNOWN_SIZES or len(_KNOWN_SIZES) < _MAX_KNOWN_SIZES):
+        if size is not None and (url in _KNOWN_SIZES or len(_KNOWN_SIZES) < MAX_KNOWN_SIZES):
             _KNOWN_SIZES[url] = size
 
 
