@@ -77,8 +77,12 @@ class Subset(Source):
     def blocks(self) -> np.ndarray | None:
         """Runs of consecutive positions whose records share a block of the inner source."""
         inner = self.source.blocks()
-        if inner is None:
-            return None
-        block_of = np.searchsorted(inner, self.indices, side="right")
-        changes = np.flatnonzero(np.diff(block_of)) + 1
-        return np.concatenate([[0], changes, [len(self.indices)]]).astype(np.int64)
+        return None if inner is None else blocks_of(inner, self.indices)
+
+
+def blocks_of(starts: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """The blocks of a selection ``indices`` of positions divided into blocks at ``starts`` (as
+    :meth:`Source.blocks`): runs of consecutive selected positions in the same block."""
+    block_of = np.searchsorted(starts, indices, side="right")
+    changes = np.flatnonzero(np.diff(block_of)) + 1
+    return np.concatenate([[0], changes, [len(indices)]]).astype(np.int64)

@@ -32,7 +32,6 @@ from flows.storage import io
 SCHEMA = pa.schema([("path", pa.large_string()), ("size", pa.int64()), ("mtime", pa.float64())])
 _BATCH = 1 << 20  # rows per record batch
 _KEEP_SECONDS = 24 * 3600  # older manifests of the same listing are removed
-_SIZE_HINTS = 2_000_000  # remote sizes handed to io.read_bytes at most (one GET per file)
 
 
 def cache_dir() -> Path:
@@ -46,7 +45,7 @@ def write(url: str, out: str | os.PathLike[str], extensions: Sequence[str] | Non
     """List ``url`` (as :func:`flows.storage.io.list_files`) into the manifest ``out`` (written
     atomically); the number of files."""
     listed = io.list_files_with_sizes(url, extensions, recursive, storage_options)
-    local = "://" not in url or url.startswith("file://")
+    local = io.local_path(url) is not None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
@@ -66,9 +65,10 @@ def open_manifest(path: str | os.PathLike[str], storage_options: dict | None = N
     """An Arrow IPC file (a manifest or any table) as a ``pyarrow.Table``: memory-mapped when
     local (no copy: pages are read when used and shared between processes), read otherwise."""
     path = str(path)
+    local = io.local_path(path)
     try:
-        if "://" not in path or path.startswith("file://"):
-            return ipc.open_file(pa.memory_map(path.removeprefix("file://"))).read_all()
+        if local is not None:
+            return ipc.open_file(pa.memory_map(local)).read_all()
         with io.open_file(path, storage_options) as f:
             return ipc.open_file(pa.BufferReader(f.read())).read_all()
     except (OSError, pa.ArrowInvalid) as error:
@@ -81,9 +81,10 @@ def shared(url: str, extensions: Sequence[str] | None, recursive: bool,
     (reused, not listed), else written by rank 0 (to ``manifest``, or to the cache directory),
     its location broadcast. A rank that cannot see the file (another machine) gets its bytes."""
     found: Any = None
+    listed = False  # here, now: a listing of remote files has remembered their sizes already
     if not is_distributed() or dist.get_rank() == 0:
         try:
-            found = _existing_or_new(url, extensions, recursive, storage_options, manifest)
+            found, listed = _existing_or_new(url, extensions, recursive, storage_options, manifest)
         except Exception as error:  # noqa: BLE001 - every rank must raise it, not hang
             found = error
     found = broadcast_object(found)
@@ -91,22 +92,25 @@ def shared(url: str, extensions: Sequence[str] | None, recursive: bool,
         raise found
     if is_distributed():
         _copy_where_missing(found)
-    if "://" in url:
+    if "://" in url and not (listed and io.listing_remembers_sizes(url)):
         _remember_sizes(found)
     return found
 
 
-def _existing_or_new(url: str, extensions: Sequence[str] | None, recursive: bool,
-                     storage_options: dict | None, manifest: str | os.PathLike[str] | None) -> str:
+def _existing_or_new(
+    url: str, extensions: Sequence[str] | None, recursive: bool, storage_options: dict | None,
+    manifest: str | os.PathLike[str] | None,
+) -> tuple[str, bool]:
+    """The manifest's location, and whether it was listed now (not reused)."""
     if manifest is not None and os.path.exists(manifest):
-        return str(manifest)
+        return str(manifest), False
     if manifest is None:
         words = repr((io.redact(url, storage_options), sorted(extensions or ()), recursive))
         name = hashlib.blake2b(words.encode(), digest_size=8).hexdigest()
         manifest = cache_dir() / f"{name}-{time.time_ns()}.arrow"
         _remove_old(cache_dir().glob(f"{name}-*.arrow"))
     write(url, manifest, extensions, recursive, storage_options)
-    return str(manifest)
+    return str(manifest), True
 
 
 def _remove_old(paths: Any) -> None:
@@ -135,6 +139,6 @@ def _copy_where_missing(path: str) -> None:
 
 def _remember_sizes(path: str) -> None:
     """Hand the first remote sizes of the manifest to :func:`flows.storage.io.read_bytes`: one GET each."""
-    table = open_manifest(path).slice(0, _SIZE_HINTS)
+    table = open_manifest(path).slice(0, io.MAX_KNOWN_SIZES)
     io.remember_sizes(dict(zip(table.column("path").to_pylist(), table.column("size").to_pylist(),
                                strict=True)))

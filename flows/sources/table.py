@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from flows.errors import ColumnError, EmptySourceError
 from flows.sources import manifest as manifest_module
-from flows.sources.base import Source
+from flows.sources.base import Source, blocks_of
 from flows.sources.items import Columns, class_codes
 from flows.storage import io
 
@@ -62,10 +62,12 @@ class Table(Source):
         self._reading = threading.Lock()  # see _read
         self._rows: np.ndarray | None = None  # rows kept by `where` (None: all)
         self._codes: dict[str, np.ndarray] = {}  # class codes read once (4 bytes per row)
+        self._numbers: dict[str, np.ndarray] = {}  # numeric columns read once (durations)
         if self.kind == "parquet":
             schema = self._file().schema_arrow.names
         elif self.kind == "arrow":
-            schema = manifest_module.open_manifest(url, storage_options).column_names
+            arrow = manifest_module.open_manifest(url, storage_options)
+            schema = arrow.column_names
         else:
             with io.open_file(url, storage_options) as f:
                 frame = pd.read_csv(f)
@@ -82,10 +84,9 @@ class Table(Source):
             self._rows = self._parquet_filter(where, wanted)
             self._read_group = functools.lru_cache(maxsize=cached_row_groups)(self._group)
         elif self.kind == "arrow":
-            table = manifest_module.open_manifest(url, storage_options)
             if where is not None:
-                self._rows = np.flatnonzero(_arrow_mask(table, where, wanted))
-            self._table = Columns(table.select(wanted))
+                self._rows = np.flatnonzero(_arrow_mask(arrow, where, wanted))
+            self._table = Columns(arrow.select(wanted))
         else:
             self._table = Columns(frame.loc[_mask(frame, where), wanted].reset_index(drop=True))
         if len(self) == 0:
@@ -93,7 +94,7 @@ class Table(Source):
 
     def __getstate__(self) -> dict:  # row-group readers and memory maps are reopened where used
         state = self.__dict__.copy()
-        state.update(_parquet=None, _read_group=None, _codes={}, _reading=None)
+        state.update(_parquet=None, _read_group=None, _codes={}, _numbers={}, _reading=None)
         if self.kind == "arrow":
             state["_table"] = None
         return state
@@ -162,10 +163,17 @@ class Table(Source):
         return values if self._rows is None else values[self._rows]
 
     def column(self, name: str) -> np.ndarray:
+        """Numeric columns are read once and kept (as :meth:`codes`): plans ask every epoch."""
         _check_columns(self.url, [name], self.columns)
+        if name in self._numbers:
+            return self._numbers[name]
         if self.kind != "parquet":
-            return self._kept(self._table.column(name))
-        return self._kept(self._read([name]).column(name).to_numpy(zero_copy_only=False))
+            values = self._kept(self._table.column(name))
+        else:
+            values = self._kept(self._read([name]).column(name).to_numpy(zero_copy_only=False))
+        if values.dtype.kind in "biuf":
+            self._numbers[name] = values
+        return values
 
     def codes(self, name: str) -> np.ndarray:
         """Read once, one row group at a time, and kept: a new epoch or a restore reads nothing."""
@@ -183,9 +191,7 @@ class Table(Source):
     def blocks(self) -> np.ndarray | None:
         if self.kind != "parquet":
             return None
-        if self._rows is None:
-            return self._starts
-        return np.unique(np.searchsorted(self._rows, self._starts))
+        return self._starts if self._rows is None else blocks_of(self._starts, self._rows)
 
 
 def _join(root: str | None, path: str) -> str:

@@ -287,9 +287,10 @@ def _versions() -> tuple[str, ...]:
 
 def _identity(url: str, storage_options: dict | None) -> tuple[Any, ...]:
     """What changes when the file at ``url`` changes: local size and mtime, remote metadata."""
-    if "://" not in url or url.startswith("file://"):
+    local = io.local_path(url)
+    if local is not None:
         try:
-            stat = os.stat(url.removeprefix("file://"))
+            stat = os.stat(local)
         except OSError:
             return ("missing",)  # the read stage will say what is wrong
         return (stat.st_size, stat.st_mtime_ns)

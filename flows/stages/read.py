@@ -21,12 +21,7 @@ class FileRef:
 
     @property
     def local(self) -> bool:
-        return is_local(self.url)
-
-
-def is_local(url: str) -> bool:
-    """Whether ``url`` is a path on this machine (plain or ``file://``)."""
-    return "://" not in url or url.startswith("file://")
+        return io.local_path(self.url) is not None
 
 
 class ReadBytes(Stage):
@@ -52,8 +47,8 @@ class ReadBytes(Stage):
 
     def __call__(self, item: dict) -> dict:
         url = io.cached_url(item[self.field], self.cache_dir)
-        if self.reference != "none" and is_local(url):
-            path = url.removeprefix("file://")
+        path = io.local_path(url)
+        if self.reference != "none" and path is not None:
             if os.path.isfile(path) and os.access(path, os.R_OK):  # else read_bytes says what is wrong
                 return {**item, "bytes": FileRef(path)}
         elif self.reference == "all" and "::" not in url:

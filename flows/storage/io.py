@@ -37,6 +37,8 @@ __all__ = [
     "filesystem",
     "list_files",
     "list_files_with_sizes",
+    "listing_remembers_sizes",
+    "local_path",
     "open_file",
     "read_bytes",
     "redact",
@@ -117,7 +119,7 @@ def _with_s3_endpoint(options: Mapping[str, Any]) -> dict[str, Any]:
     options = dict(options)
     client_kwargs = options.get("client_kwargs") or {}
     if not options.get("endpoint_url") and not client_kwargs.get("endpoint_url"):
-        endpoint = next((os.environ[v] for v in objstore.ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+        endpoint = objstore.env_endpoint()
         if endpoint:
             options["endpoint_url"] = endpoint
     return options
@@ -125,6 +127,14 @@ def _with_s3_endpoint(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def _is_local(url: str) -> bool:
     return "::" not in url and _protocol(url) in _LOCAL_PROTOCOLS
+
+
+def local_path(url: str) -> str | None:
+    """The path on this machine that ``url`` names (a plain path or a ``file://`` URL), else None
+    (``memory://`` included)."""
+    if "://" not in url:
+        return url
+    return url.removeprefix("file://") if url.startswith("file://") else None
 
 
 # --------------------------------------------------------------------------- listing
@@ -173,23 +183,29 @@ def list_files_with_sizes(
     if not files:
         wanted = f" with extension {', '.join(suffixes)}" if suffixes else ""
         raise EmptySourceError(redact(f"no files{wanted} found at {url}", storage_options))
-    if not _is_local(url):
+    if listing_remembers_sizes(url):
         remember_sizes(files)
     return files
+
+
+def listing_remembers_sizes(url: str) -> bool:
+    """Whether :func:`list_files_with_sizes` remembers the sizes it lists (:func:`remember_sizes`):
+    for remote URLs."""
+    return not _is_local(url)
 
 
 # Object sizes seen by listings in this process (and in worker processes forked from it): with
 # the size known, read_bytes needs one GET instead of a HEAD and a GET. A size is only a hint:
 # a body of another length is retried with a fresh HEAD, so a stale size never returns wrong data.
 _KNOWN_SIZES: dict[str, int] = {}
-_MAX_KNOWN_SIZES = 2_000_000  # about 200 MB at most
+MAX_KNOWN_SIZES = 2_000_000  # about 200 MB at most
 
 
 def remember_sizes(sizes: Mapping[str, int | None]) -> None:
     """Let :func:`read_bytes` trust these object sizes (``{url: bytes}``, e.g. a listing made on
     another rank); ``None`` sizes are skipped. Bounded: beyond 2 million URLs nothing is added."""
     for url, size in sizes.items():
-        if size is not None and (url in _KNOWN_SIZES or len(_KNOWN_SIZES) < _MAX_KNOWN_SIZES):
+        if size is not None and (url in _KNOWN_SIZES or len(_KNOWN_SIZES) < MAX_KNOWN_SIZES):
             _KNOWN_SIZES[url] = size
 
 

@@ -78,7 +78,7 @@ def s3_store(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, 
     if config is None:
         return None
     global _RUNTIME_PID
-    if _RUNTIME_PID not in (None, os.getpid()):
+    if forked_after_use():
         return None  # forked from a process that used obstore: its runtime is gone here
     try:
         from obstore.store import S3Store
@@ -92,6 +92,11 @@ def s3_store(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, 
             store = _STORES[cache_key] = S3Store(bucket, **config)
         _RUNTIME_PID = os.getpid()
     return store, key
+
+
+def env_endpoint() -> str | None:
+    """The S3 endpoint named by the environment (the first of :data:`ENDPOINT_ENV_VARS` set), or None."""
+    return next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
 
 
 def forked_after_use() -> bool:
@@ -126,7 +131,7 @@ def _store_config(options: Mapping[str, Any]) -> dict[str, Any] | None:
     else:
         return None  # profiles, SSO, instance roles: botocore's credential chain
     endpoint = options.get("endpoint_url") or client_kwargs.get("endpoint_url")
-    endpoint = endpoint or next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+    endpoint = endpoint or env_endpoint()
     region = client_kwargs.get("region_name") or os.environ.get("AWS_REGION") or os.environ.get(
         "AWS_DEFAULT_REGION"
     )
