@@ -36,7 +36,7 @@ import pandas as pd
 
 from flows.errors import FlowsError
 from flows.flow import Flow
-from flows.sources.table import Table
+from flows.sources.table import Table, join_root
 from flows.training.recipe import register
 from recipes import synthetic
 from recipes.common import (
@@ -49,7 +49,6 @@ from recipes.common import (
     class_names,
     exists,
     fixed_length,
-    join,
     native_rate,
     option,
     require_values,
@@ -100,9 +99,7 @@ class TableRecipe(ClassesRecipe):
 
     def resolve(self, path: str) -> str:
         """``path`` below ``data_dir`` when relative, else as it is."""
-        data_dir = self.config.data_dir
-        absolute = "://" in path or path.startswith("/")
-        return path if absolute or data_dir is None else join(data_dir, path)
+        return join_root(self.config.data_dir or None, path)
 
     @cached_property
     def url(self) -> str:
