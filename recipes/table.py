@@ -157,11 +157,17 @@ class TableRecipe(ClassesRecipe):
     def class_hint(self) -> str:
         return f"Is --label-column {self.config.label_column} the column of classes?"
 
-    def _table(self, columns: list[str]) -> Table:
-        return Table(self.url, columns, storage_options=self.config.storage_options)
+    @cached_property
+    def metadata(self) -> Table:
+        """The table's columns the recipe itself reads (label, id, split, fold, path: as
+        configured), read once; its records carry the resolved ``path``."""
+        c = self.config
+        wanted = (c.label_column, c.id_column, c.split_column, c.fold_column, c.path_column)
+        columns = list(dict.fromkeys(x for x in wanted if x is not None))
+        return Table(self.url, columns, None, c.path_column, self.root, c.storage_options)
 
     def _column(self, name: str) -> np.ndarray:
-        return self._table([name]).column(name)
+        return self.metadata.column(name)
 
     @cached_property
     def wheres(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -220,8 +226,7 @@ class TableRecipe(ClassesRecipe):
         c = self.config
         if c.sample_rate:
             return c.sample_rate
-        every = Table(self.url, [c.path_column], None, c.path_column, self.root, c.storage_options)
-        return native_rate(every, c.storage_options)
+        return native_rate(self.metadata, c.storage_options)
 
     def part(self, train: bool) -> Flow:
         c = self.config
