@@ -172,6 +172,12 @@ def native_rate(source: Source, storage_options: dict | None = None, probe: int 
     return DEFAULT_RATE
 
 
+def chosen_rate(config: AudioConfig, files: Callable[[], Source]) -> int:
+    """``config.sample_rate``, else the rate the files of ``files()`` share (see :func:`native_rate`;
+    ``files`` is only called then)."""
+    return config.sample_rate or native_rate(files(), config.storage_options)
+
+
 def fixed_length(config: AudioConfig) -> bool:
     """Whether the chain gives every clip the same length (else batches are padded per batch)."""
     return bool(config.seconds) and config.pad

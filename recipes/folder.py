@@ -40,9 +40,9 @@ from recipes.common import (
     as_names,
     audio_chain,
     batches,
+    chosen_rate,
     class_names,
     fixed_length,
-    native_rate,
     option,
     require,
     shown,
@@ -180,7 +180,7 @@ class Folder(ClassesRecipe):
     @cached_property
     def sample_rate(self) -> int:
         """``config.sample_rate``, else the files' own rate when they share one."""
-        return self.config.sample_rate or native_rate(Items(self.listing), self.config.storage_options)
+        return chosen_rate(self.config, lambda: Items(self.listing))
 
     @classmethod
     def generate(cls, root: str | Path, seed: int = 0, clips_per_class: int = 4,

@@ -46,10 +46,10 @@ from recipes.common import (
     as_names,
     audio_chain,
     batches,
+    chosen_rate,
     class_names,
     exists,
     fixed_length,
-    native_rate,
     option,
     require_values,
     split,
@@ -223,10 +223,7 @@ class TableRecipe(ClassesRecipe):
     @cached_property
     def sample_rate(self) -> int:
         """``config.sample_rate``, else the files' own rate when they share one."""
-        c = self.config
-        if c.sample_rate:
-            return c.sample_rate
-        return native_rate(self.metadata, c.storage_options)
+        return chosen_rate(self.config, lambda: self.metadata)
 
     def part(self, train: bool) -> Flow:
         c = self.config
