@@ -567,7 +567,7 @@ class _Run:
             "skipped": {"done": self.skipped["train"], "epoch": epoch_skipped + self.skipped_carried,
                         "position": skipped},
         }
-        _check_finite(self.model, self.step, self.checkpoint)
+        _check_finite(state["model"], self.step, self.checkpoint)
         self.checkpoint = self.checkpoints.save(state, self.step)
         self.ranks.barrier()
 
@@ -624,9 +624,10 @@ def _sample_names(batch: Any, most: int = 64) -> str:
     return ", ".join(str(n) for n in names[:most]) + more
 
 
-def _check_finite(model: torch.nn.Module, step: int, newest: str | None) -> None:
-    """Refuse to checkpoint weights (or buffers) that are NaN or infinite."""
-    bad = [name for name, t in model.state_dict().items()
+def _check_finite(weights: Mapping[str, Any], step: int, newest: str | None) -> None:
+    """Refuse to checkpoint weights (or buffers) of a model's ``state_dict`` that are NaN or
+    infinite."""
+    bad = [name for name, t in weights.items()
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise FlowsError(f"step {step}: non-finite weights ({', '.join(bad[:8])}) though every "
