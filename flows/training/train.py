@@ -294,11 +294,10 @@ class _Run:
                      recipe.name, self.device, f"{params:,}", rc.epochs, len(self.train_loader))
         if config.resume:
             self._resume()
-        elif self.checkpoints is not None and self.checkpoints.list():
+        elif self.checkpoints is not None and (held := self.checkpoints.list()):
             raise FlowsError(
-                f"{config.checkpoint_dir} already holds checkpoints (newest "
-                f"{self.checkpoints.list()[0]}): continue with --resume, or choose another "
-                f"checkpoint directory")
+                f"{config.checkpoint_dir} already holds checkpoints (newest {held[0]}): continue "
+                f"with --resume, or choose another checkpoint directory")
         self.log = (MetricsLog(config.log_path, config.log_format, keep_through=self.step)
                     if config.log_path and self.rank == 0 else None)
 
