@@ -545,12 +545,13 @@ class _Run:
             # wait until rank 0 has written it: once one rank exits, torchrun stops the others
             self.ranks.barrier()
             return
+        weights = self.model.state_dict()
         state = {
             "recipe": self.recipe.name,
             "step": self.step,
             "epoch": self.epoch,
             "batch": self.batch,
-            "model": self.model.state_dict(),
+            "model": weights,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
@@ -566,7 +567,7 @@ class _Run:
             "skipped": {"done": self.skipped["train"], "epoch": epoch_skipped + self.skipped_carried,
                         "position": skipped},
         }
-        _check_finite(state["model"], self.step, self.checkpoint)
+        _check_finite(weights, self.step, self.checkpoint)
         self.checkpoint = self.checkpoints.save(state, self.step)
         self.ranks.barrier()
 
