@@ -142,11 +142,12 @@ def train(recipe: Recipe, config: TrainConfig | None = None) -> TrainResult:
     """Train ``recipe`` as ``config`` says; see the module docstring."""
     config = config or TrainConfig()
     _check(recipe.config, config)
-    _, world = setup(config.device)  # under torchrun: join its process group
+    rank, world = setup(config.device)  # under torchrun: join its process group
+    ranks = Ranks(rank, world, pick_device(config.device))
     if config.global_batch_size is not None:
         recipe = with_batch_size(recipe, per_rank_batch_size(config.global_batch_size, world))
     with _deterministic(config.deterministic), _StopSignals() as stop:
-        return _Run(recipe, config, stop).fit()
+        return _Run(recipe, config, stop, ranks).fit()
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -241,12 +242,11 @@ _END = object()
 class _Run:
     """One call of :func:`train`: the objects being trained and where training stands."""
 
-    def __init__(self, recipe: Recipe, config: TrainConfig, stop: _StopSignals):
-        self.recipe, self.config, self.stop = recipe, config, stop
+    def __init__(self, recipe: Recipe, config: TrainConfig, stop: _StopSignals, ranks: Ranks):
+        self.recipe, self.config, self.stop, self.ranks = recipe, config, stop, ranks
         rc = recipe.config
-        self.device = pick_device(config.device)
-        self.ranks = Ranks.joined(self.device)
-        self.rank, self.world = self.ranks.rank, self.ranks.world
+        self.device = ranks.device
+        self.rank, self.world = ranks.rank, ranks.world
         self.checkpoints = (CheckpointManager(config.checkpoint_dir, config.keep,
                                               config.checkpoint_storage_options)
                             if config.checkpoint_dir else None)
