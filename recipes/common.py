@@ -40,6 +40,7 @@ def option(default: Any, help: str) -> Any:
 
 
 DEFAULT_RATE = 16_000  # Hz, for files of several sample rates and no --sample-rate
+HEADER_BLOCK = 16 * 1024  # bytes read ahead when probing an audio header (not the default 512 KiB)
 log = logging.getLogger("flows.recipes")
 
 MODEL_HELP = "smallcnn, m5, or package.module:factory (called with the heads, returns a module)"
@@ -153,7 +154,7 @@ def native_rate(source: Source, storage_options: dict | None = None, probe: int 
     for i in picks:
         path = source[i]["path"]
         try:
-            with io.open_file(path, storage_options) as f:
+            with io.open_file(path, storage_options, block_size=HEADER_BLOCK) as f:
                 rates[soundfile.info(f).samplerate] += 1
         except Exception as e:  # noqa: BLE001 - one line naming the file
             unreadable.append(f"{path}: {type(e).__name__}: {e}")
@@ -169,6 +170,12 @@ def native_rate(source: Source, storage_options: dict | None = None, probe: int 
                   f"resampling every clip to {DEFAULT_RATE} Hz; choose with --sample-rate",
                   stacklevel=2)
     return DEFAULT_RATE
+
+
+def chosen_rate(config: AudioConfig, files: Callable[[], Source]) -> int:
+    """``config.sample_rate``, else the rate the files of ``files()`` share (see :func:`native_rate`;
+    ``files`` is only called then)."""
+    return config.sample_rate or native_rate(files(), config.storage_options)
 
 
 def fixed_length(config: AudioConfig) -> bool:

@@ -40,9 +40,9 @@ from recipes.common import (
     as_names,
     audio_chain,
     batches,
+    chosen_rate,
     class_names,
     fixed_length,
-    native_rate,
     option,
     require,
     shown,
@@ -145,15 +145,17 @@ class Folder(ClassesRecipe):
         c = self.config
         flow = Flow.from_source(Items(self.records()), storage_options=c.storage_options)
         if c.split_by is not None:
-            flow = flow.select(self.by_name()[0 if train else 1])
+            flow = flow.select(self.by_name[0 if train else 1])
         else:
             flow = split(flow, train, c.eval_fraction, c.seed, c.folds, c.fold, stratify="label")
         flow = audio_chain(flow, c, train, sample_rate=self.sample_rate)
         return batches(flow, c, train, stratify="label" if c.stratify else None,
                        variable=not fixed_length(c))
 
+    @cached_property
     def by_name(self) -> tuple[list[int], list[int]]:
-        """(train, eval) positions in the listing by the ``split_by`` field of the file names."""
+        """(train, eval) positions in the listing by the ``split_by`` field of the file names
+        (found once for both parts)."""
         c = self.config
         if c.split_by is None or c.eval_values is None:
             raise FlowsError("split_by (--split-by) needs eval_values (--eval-values)")
@@ -180,7 +182,7 @@ class Folder(ClassesRecipe):
     @cached_property
     def sample_rate(self) -> int:
         """``config.sample_rate``, else the files' own rate when they share one."""
-        return self.config.sample_rate or native_rate(Items(self.listing), self.config.storage_options)
+        return chosen_rate(self.config, lambda: Items(self.listing))
 
     @classmethod
     def generate(cls, root: str | Path, seed: int = 0, clips_per_class: int = 4,

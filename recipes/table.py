@@ -36,7 +36,7 @@ import pandas as pd
 
 from flows.errors import FlowsError
 from flows.flow import Flow
-from flows.sources.table import Table
+from flows.sources.table import Table, join_root
 from flows.training.recipe import register
 from recipes import synthetic
 from recipes.common import (
@@ -46,11 +46,10 @@ from recipes.common import (
     as_names,
     audio_chain,
     batches,
+    chosen_rate,
     class_names,
     exists,
     fixed_length,
-    join,
-    native_rate,
     option,
     require_values,
     split,
@@ -100,9 +99,7 @@ class TableRecipe(ClassesRecipe):
 
     def resolve(self, path: str) -> str:
         """``path`` below ``data_dir`` when relative, else as it is."""
-        data_dir = self.config.data_dir
-        absolute = "://" in path or path.startswith("/")
-        return path if absolute or data_dir is None else join(data_dir, path)
+        return join_root(self.config.data_dir or None, path)
 
     @cached_property
     def url(self) -> str:
@@ -160,11 +157,17 @@ class TableRecipe(ClassesRecipe):
     def class_hint(self) -> str:
         return f"Is --label-column {self.config.label_column} the column of classes?"
 
-    def _table(self, columns: list[str]) -> Table:
-        return Table(self.url, columns, storage_options=self.config.storage_options)
+    @cached_property
+    def metadata(self) -> Table:
+        """The table's columns the recipe itself reads (label, id, split, fold, path: as
+        configured), read once; its records carry the resolved ``path``."""
+        c = self.config
+        wanted = (c.label_column, c.id_column, c.split_column, c.fold_column, c.path_column)
+        columns = list(dict.fromkeys(x for x in wanted if x is not None))
+        return Table(self.url, columns, None, c.path_column, self.root, c.storage_options)
 
     def _column(self, name: str) -> np.ndarray:
-        return self._table([name]).column(name)
+        return self.metadata.column(name)
 
     @cached_property
     def wheres(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -220,11 +223,7 @@ class TableRecipe(ClassesRecipe):
     @cached_property
     def sample_rate(self) -> int:
         """``config.sample_rate``, else the files' own rate when they share one."""
-        c = self.config
-        if c.sample_rate:
-            return c.sample_rate
-        every = Table(self.url, [c.path_column], None, c.path_column, self.root, c.storage_options)
-        return native_rate(every, c.storage_options)
+        return chosen_rate(self.config, lambda: self.metadata)
 
     def part(self, train: bool) -> Flow:
         c = self.config

@@ -27,6 +27,7 @@ import pandas as pd
 from flows.errors import FlowsError
 from flows.flow import Flow
 from flows.sources.items import Items
+from flows.sources.table import join_root
 from flows.storage import io
 from flows.training.recipe import RecipeConfig, register
 from recipes import synthetic
@@ -86,7 +87,7 @@ class TensorFolder(ClassesRecipe):
             if not found:
                 raise FlowsError(f"no labels.json or labels.csv in {root}. {self.data_hint}")
             labels = found[0]
-        url = labels if "://" in labels or labels.startswith("/") else join(root, labels)
+        url = join_root(self.config.data_dir or None, labels)
         if url.endswith(".json"):
             return {stem(k): v for k, v in read_json(url, options).items()}
         with io.open_file(url, options) as f:

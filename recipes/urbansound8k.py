@@ -84,23 +84,28 @@ class UrbanSound8K(BaseRecipe):
                  "and audio/, or write a synthetic copy with "
                  "recipes.urbansound8k.UrbanSound8K.generate(root).")
 
-    @property
+    @cached_property
     def metadata(self) -> str:
+        """The metadata CSV's URL (data_dir checked to exist)."""
         return join(require(self.config.data_dir, self.data_hint, self.config.storage_options),
                     "metadata", "UrbanSound8K.csv")
 
     @cached_property
+    def table(self) -> pd.DataFrame:
+        """The CSV's fold, classID and class columns, read once."""
+        with io.open_file(self.metadata, self.config.storage_options) as f:
+            return pd.read_csv(f, usecols=["fold", "classID", "class"])
+
+    @cached_property
     def class_names(self) -> list[str]:
         """Class names by classID, from the CSV."""
-        with io.open_file(self.metadata, self.config.storage_options) as f:
-            pairs = pd.read_csv(f, usecols=["classID", "class"]).drop_duplicates()
+        pairs = self.table[["classID", "class"]].drop_duplicates()
         return [str(n) for n in pairs.sort_values("classID")["class"]]
 
     @cached_property
     def folds(self) -> list[int]:
         """The folds the metadata holds."""
-        with io.open_file(self.metadata, self.config.storage_options) as f:
-            return sorted({int(v) for v in pd.read_csv(f, usecols=["fold"])["fold"]})
+        return sorted({int(v) for v in self.table["fold"]})
 
     def _part(self, folds: Sequence[int], train: bool) -> Flow:
         c = self.config

@@ -153,7 +153,7 @@ class Table(Source):
         else:
             record = self._table[row]
         if self.path_column is not None:
-            record["path"] = _join(self.root, str(record[self.path_column]))
+            record["path"] = join_root(self.root, str(record[self.path_column]))
         return record
 
     def key(self, index: int) -> str:
@@ -194,7 +194,8 @@ class Table(Source):
         return self._starts if self._rows is None else blocks_of(self._starts, self._rows)
 
 
-def _join(root: str | None, path: str) -> str:
+def join_root(root: str | None, path: str) -> str:
+    """``path`` below ``root``; a URL, an absolute path or no ``root`` keeps ``path`` as it is."""
     if root is None or "://" in path or path.startswith("/"):
         return path
     return root.rstrip("/") + "/" + path

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from fsspec.core import url_to_fs
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flows.errors import FlowsError
@@ -225,7 +224,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         raise FlowsError(f"recipe {cls.name!r} needs --data-dir{hint}")
     if getattr(config, "download", False):
         return cls(config)  # the recipe fetches its data into data_dir, creating it
-    fs, path = url_to_fs(config.data_dir, **(config.storage_options or {}))
+    fs, path = io.filesystem(config.data_dir, config.storage_options)
     try:
         exists = fs.exists(path)
     except Exception:  # cannot tell from here (credentials, network): the flow will report

@@ -12,13 +12,13 @@ Each run is a real ``python -m flows train`` subprocess.
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ import torch
 
 from flows.errors import FlowsError
 from flows.training.checkpoint import CheckpointManager
-from flows.training.metrics_log import format_metrics
+from flows.training.metrics_log import format_metrics, read_log
 from flows.training.recipe import get_recipe, make_config
 
 
@@ -156,16 +156,13 @@ def _progress(root: Path, runs: dict[str, tuple[str, int]], start: float) -> Cal
 
 def _logged_step(log: Path) -> int:
     """The last training step in a run's metrics log (0 before the first)."""
-    step = 0
-    if log.exists():
-        for line in log.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line being written
-                continue
-            if record.get("kind") == "step":
-                step = int(record["step"])
-    return step
+    if not log.exists():
+        return 0
+    with warnings.catch_warnings():  # a last line being written is dropped: no need to say so
+        warnings.simplefilter("ignore")
+        records = read_log(log, "jsonl")
+    steps = [int(r["step"]) for r in records if r["kind"] == "step"]
+    return steps[-1] if steps else 0
 
 
 def _watch(process: subprocess.Popen, progress: Callable[[], str], echo: Callable[[str], Any],

@@ -163,13 +163,6 @@ class Ranks:
     world: int
     device: torch.device  # where the collectives' tensors live (nccl: CUDA)
 
-    @classmethod
-    def joined(cls, device: torch.device) -> Ranks:
-        """The ranks of the process group this process has joined, if any."""
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), device)
-        return cls(0, 1, device)
-
     def sum(self, n: int) -> int:
         """``n`` added over the ranks."""
         if self.world == 1:

@@ -142,11 +142,12 @@ def train(recipe: Recipe, config: TrainConfig | None = None) -> TrainResult:
     """Train ``recipe`` as ``config`` says; see the module docstring."""
     config = config or TrainConfig()
     _check(recipe.config, config)
-    _, world = setup(config.device)  # under torchrun: join its process group
+    rank, world = setup(config.device)  # under torchrun: join its process group
+    ranks = Ranks(rank, world, pick_device(config.device))
     if config.global_batch_size is not None:
         recipe = with_batch_size(recipe, per_rank_batch_size(config.global_batch_size, world))
     with _deterministic(config.deterministic), _StopSignals() as stop:
-        return _Run(recipe, config, stop).fit()
+        return _Run(recipe, config, stop, ranks).fit()
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -241,12 +242,11 @@ _END = object()
 class _Run:
     """One call of :func:`train`: the objects being trained and where training stands."""
 
-    def __init__(self, recipe: Recipe, config: TrainConfig, stop: _StopSignals):
-        self.recipe, self.config, self.stop = recipe, config, stop
+    def __init__(self, recipe: Recipe, config: TrainConfig, stop: _StopSignals, ranks: Ranks):
+        self.recipe, self.config, self.stop, self.ranks = recipe, config, stop, ranks
         rc = recipe.config
-        self.device = pick_device(config.device)
-        self.ranks = Ranks.joined(self.device)
-        self.rank, self.world = self.ranks.rank, self.ranks.world
+        self.device = ranks.device
+        self.rank, self.world = ranks.rank, ranks.world
         self.checkpoints = (CheckpointManager(config.checkpoint_dir, config.keep,
                                               config.checkpoint_storage_options)
                             if config.checkpoint_dir else None)
@@ -294,11 +294,10 @@ class _Run:
                      recipe.name, self.device, f"{params:,}", rc.epochs, len(self.train_loader))
         if config.resume:
             self._resume()
-        elif self.checkpoints is not None and self.checkpoints.list():
+        elif self.checkpoints is not None and (held := self.checkpoints.list()):
             raise FlowsError(
-                f"{config.checkpoint_dir} already holds checkpoints (newest "
-                f"{self.checkpoints.list()[0]}): continue with --resume, or choose another "
-                f"checkpoint directory")
+                f"{config.checkpoint_dir} already holds checkpoints (newest {held[0]}): continue "
+                f"with --resume, or choose another checkpoint directory")
         self.log = (MetricsLog(config.log_path, config.log_format, keep_through=self.step)
                     if config.log_path and self.rank == 0 else None)
 
@@ -546,12 +545,13 @@ class _Run:
             # wait until rank 0 has written it: once one rank exits, torchrun stops the others
             self.ranks.barrier()
             return
+        weights = self.model.state_dict()
         state = {
             "recipe": self.recipe.name,
             "step": self.step,
             "epoch": self.epoch,
             "batch": self.batch,
-            "model": self.model.state_dict(),
+            "model": weights,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
@@ -567,7 +567,7 @@ class _Run:
             "skipped": {"done": self.skipped["train"], "epoch": epoch_skipped + self.skipped_carried,
                         "position": skipped},
         }
-        _check_finite(self.model, self.step, self.checkpoint)
+        _check_finite(weights, self.step, self.checkpoint)
         self.checkpoint = self.checkpoints.save(state, self.step)
         self.ranks.barrier()
 
@@ -624,9 +624,10 @@ def _sample_names(batch: Any, most: int = 64) -> str:
     return ", ".join(str(n) for n in names[:most]) + more
 
 
-def _check_finite(model: torch.nn.Module, step: int, newest: str | None) -> None:
-    """Refuse to checkpoint weights (or buffers) that are NaN or infinite."""
-    bad = [name for name, t in model.state_dict().items()
+def _check_finite(weights: Mapping[str, Any], step: int, newest: str | None) -> None:
+    """Refuse to checkpoint weights (or buffers) of a model's ``state_dict`` that are NaN or
+    infinite."""
+    bad = [name for name, t in weights.items()
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise FlowsError(f"step {step}: non-finite weights ({', '.join(bad[:8])}) though every "
